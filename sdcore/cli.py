@@ -59,15 +59,19 @@ def _progress_and_result(job: Any, quiet: bool = False) -> Any:
 
     from .jobs import ProgressEvent
 
-    bar = tqdm(total=0, unit="step", disable=quiet, file=sys.stderr, dynamic_ncols=True, desc="Generating")
+    bar = None  # created at the first step, so a job that fails before it prints only its error
     try:
         for event in job.events():
-            if isinstance(event, ProgressEvent):
+            if isinstance(event, ProgressEvent) and not quiet:
+                if bar is None:
+                    bar = tqdm(total=event.total, unit="step", file=sys.stderr, dynamic_ncols=True,
+                               desc="Generating")
                 bar.total = event.total
                 bar.n = event.step
                 bar.refresh()
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
     return job.result()
 
 

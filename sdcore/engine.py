@@ -95,9 +95,10 @@ class Engine:
 
         self.families = collect_families(self.pm)
         self.samplers = SamplerRegistry()
-        self.pm.hook.register_samplers(register=self.samplers.register)
+        for impl in self.pm.hook.register_samplers.get_hookimpls():  # registration order: built-ins first
+            impl.function(register=self.samplers.register)
         self.request_options: Registry[type[BaseModel]] = Registry("Request option")
-        for impl in reversed(self.pm.hook.register_request_options.get_hookimpls()):
+        for impl in self.pm.hook.register_request_options.get_hookimpls():
 
             def register(name: str, model: type[BaseModel], _owner: str = impl.plugin_name) -> None:
                 if not (isinstance(model, type) and issubclass(model, BaseModel)):
@@ -144,7 +145,7 @@ class Engine:
             try:
                 options[name] = model.model_validate(value.model_dump() if isinstance(value, BaseModel) else value)
             except ValidationError as exc:
-                raise InvalidRequest(describe_validation_error(exc).replace("request", f"options.{name}")) from None
+                raise InvalidRequest(describe_validation_error(exc, prefix=f"options.{name}.")) from None
         request.options = options
         if request.resolved_mode is not Mode.txt2img:
             prepare_images(request, request.width or 512, request.height or 512)
@@ -236,16 +237,16 @@ class Engine:
 
     def _execute(self, job: Job) -> GenerationResult:
         from .metadata import build_infotext
-        from .seeds import resolve_seed
+        from .seeds import image_seeds, resolve_seed
 
         request = job.request
         model = self.load_model(request.model, config=request.config, vae=request.vae)
         job.raise_if_cancelled()
         default_w, default_h = model.default_size
         seed = resolve_seed(request.seed)
-        subseed = resolve_seed(request.subseed) if request.subseed_strength > 0 else request.subseed
+        subseed = resolve_seed(request.subseed) if request.subseed_strength > 0 else None
         resolved = request.model_copy(update={
-            "seed": seed, "subseed": subseed,
+            "seed": seed, "subseed": request.subseed if subseed is None else subseed,
             "width": request.width or default_w, "height": request.height or default_h,
             "model": request.model or str(model.source.location),
         })
@@ -254,9 +255,10 @@ class Engine:
         progress = Progress(job, total=per_batch * resolved.batch_count)
         images, seeds, subseeds, infotexts = [], [], [], []
         for batch in range(resolved.batch_count):
-            first = batch * resolved.batch_size
-            batch_seeds = [seed + first + i for i in range(resolved.batch_size)]
-            batch_subseeds = [subseed + first + i for i in range(resolved.batch_size)]
+            batch_seeds, batch_subseeds = image_seeds(
+                seed, subseed, resolved.batch_size, batch * resolved.batch_size,
+                subseed_strength=resolved.subseed_strength,
+            )
             progress.batch = batch
             context = GenerationContext(
                 engine=self, request=resolved, model=model, seeds=batch_seeds, subseeds=batch_subseeds,

@@ -193,10 +193,11 @@ def set_timesteps(scheduler: Any, steps: int, strength: float, device: Any) -> l
     if strength >= 1.0:
         return list(timesteps)
     order = getattr(scheduler, "order", 1)
-    init_steps = min(int(steps * strength), steps)
-    start = max(steps - init_steps, 0)
-    if init_steps == 0:
+    if strength <= 0:
         return []
+    # at least one step for any strength above 0 (A1111 would run none and return the input unchanged)
+    init_steps = max(1, min(int(steps * strength), steps))
+    start = max(steps - init_steps, 0)
     if hasattr(scheduler, "set_begin_index"):
         scheduler.set_begin_index(start * order)
     return list(timesteps[start * order :])
@@ -204,13 +205,6 @@ def set_timesteps(scheduler: Any, steps: int, strength: float, device: Any) -> l
 
 def _step_accepts_generator(scheduler: Any) -> bool:
     return "generator" in inspect.signature(scheduler.step).parameters
-
-
-def _generator_arg(scheduler: Any, generators: list[Any]) -> Any:
-    # Brownian-tree samplers (DPM++ SDE) seed one noise sampler for the whole batch from one generator.
-    if type(scheduler).__name__ in ("DPMSolverSDEScheduler",):
-        return generators[0]
-    return generators
 
 
 def predict_noise(state: DenoiseState, latent_input: torch.Tensor) -> torch.Tensor:
@@ -288,7 +282,9 @@ def denoise(
     request = context.request
     step_kwargs: dict[str, Any] = {}
     if _step_accepts_generator(scheduler):
-        step_kwargs["generator"] = _generator_arg(scheduler, generators)
+        # each image draws its step noise from its own generator (A1111's ImageRNG); DPM++ SDE takes its
+        # noise seeds at construction instead (see make_scheduler's noise_seeds)
+        step_kwargs["generator"] = generators
     sampling_steps = len(timesteps)
     state = DenoiseState(
         context=context, scheduler=scheduler, step=0, total_steps=sampling_steps, timestep=None,
@@ -306,10 +302,12 @@ def denoise(
         state.guidance_scale = request.cfg_scale
         state.unet_kwargs = {}
         hook.before_denoise_step(state=state)
-        latent_input = scheduler.scale_model_input(state.latents, t)
+        latent_input = scheduler.scale_model_input(state.latents, t).to(context.model.dtype)
         if image_conditioning is not None:
             latent_input = torch.cat([latent_input, image_conditioning.to(latent_input.dtype)], dim=1)
-        noise_pred = predict_noise(state, latent_input)
+        # Latents stay float32 between steps whatever the model's dtype (like A1111's k-diffusion loop), so
+        # samplers draw their step noise in float32 and a seed gives the same noise in fp16 and fp32.
+        noise_pred = predict_noise(state, latent_input).float()
         state.noise_pred = noise_pred
         latents = scheduler.step(noise_pred, t, state.latents, return_dict=False, **step_kwargs)[0]
         if latent_mask is not None and init_latents is not None and noise is not None:
@@ -429,7 +427,8 @@ def generate_batch(context: GenerationContext) -> GenerationOutput:
     context.raise_if_cancelled()
 
     device = model.device
-    scheduler = engine.samplers.make_scheduler(request.sampler, request.schedule_type, model.scheduler_config)
+    scheduler = engine.samplers.make_scheduler(request.sampler, request.schedule_type, model.scheduler_config,
+                                               noise_seeds=context.seeds)
     strength = 1.0 if prepared is None else request.denoising_strength
     timesteps = set_timesteps(scheduler, request.steps, strength, device)
     if not timesteps:
@@ -440,16 +439,16 @@ def generate_batch(context: GenerationContext) -> GenerationOutput:
     factor = model.vae_scale_factor
     shape = (model.latent_channels, context.height // factor, context.width // factor)
     noise, generators = create_noise(shape, context.seeds, context.subseeds, request.subseed_strength)
-    noise = noise.to(device, model.dtype)
+    noise = noise.to(device)
 
     init_latents = latent_mask = image_conditioning = None
     batch = len(context.seeds)
     with torch.inference_mode():
         if prepared is not None:
-            init_latents = vae_encode(model, imgs.pil_to_tensor(prepared.init)).repeat(batch, 1, 1, 1)
+            init_latents = vae_encode(model, imgs.pil_to_tensor(prepared.init)).float().repeat(batch, 1, 1, 1)
             if prepared.mask is not None:
                 small = prepared.mask.resize((shape[2], shape[1]), Image.Resampling.BILINEAR)
-                latent_mask = imgs.mask_to_tensor(small).round().to(device, model.dtype)
+                latent_mask = imgs.mask_to_tensor(small).round().to(device)
             content = MaskedContent(request.masked_content)
             if latent_mask is not None and content is MaskedContent.latent_noise:
                 init_latents = init_latents * (1 - latent_mask) + noise * latent_mask

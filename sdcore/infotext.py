@@ -25,10 +25,14 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO
 
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
 from sdcore.errors import ImageError, InvalidRequest
+
+if TYPE_CHECKING:
+    from packaging.version import Version
 
 __all__ = [
     "A1111_KEY_ORDER",
@@ -302,8 +306,19 @@ def _restore_old_hires_fix(res: dict[str, str | int | bool]) -> None:
     res["Hires resize-1"], res["Hires resize-2"] = width, height
 
 
-# A1111's emphasis tokens: escapes, brackets, a `:weight)` closer, plain text runs, and stray colons.
-_ATTENTION_RE = re.compile(r"\\\(|\\\)|\\\[|\\]|\\\\|\\|\(|\[|:\s*([+-]?[.\d]+)\s*\)|\)|]|[^\\()\[\]:]+|:")
+# The tokens of A1111's emphasis syntax, tried in this order.
+_ATTENTION_RE = re.compile(
+    r"""
+      \\ [()\[\]\\]              # an escaped bracket or backslash: literal text
+    | \\                        # a lone backslash: literal text
+    | [(\[]                      # an opening bracket
+    | : \s* ([+-]?[.\d]+) \s* \)  # ':weight)' closing a round bracket with an explicit weight
+    | [)\]]                      # a closing bracket
+    | [^\\()\[\]:]+              # a run of plain text
+    | :                         # a colon that is not part of a weight
+    """,
+    re.VERBOSE,
+)
 _BREAK_RE = re.compile(r"\s*\bBREAK\b\s*", re.S)
 
 
@@ -315,22 +330,27 @@ def _uses_emphasis(prompt: str) -> bool:
     brackets applied at the end). Where A1111 raises on a malformed weight such as `(a:1..2)`, the prompt
     is taken to use emphasis instead.
     """
-    runs: list[list[object]] = []
+    texts: list[str] = []
+    weights: list[float] = []
     round_open: list[int] = []
     square_open: list[int] = []
 
     def multiply(start: int, factor: float) -> None:
-        for run in runs[start:]:
-            run[1] = float(run[1]) * factor  # type: ignore[arg-type]
+        for i in range(start, len(weights)):
+            weights[i] *= factor
+
+    def add(text: str, weight: float) -> None:
+        texts.append(text)
+        weights.append(weight)
 
     for match in _ATTENTION_RE.finditer(prompt):
         token, weight = match.group(0), match.group(1)
         if token.startswith("\\"):
-            runs.append([token[1:], 1.0])
+            add(token[1:], 1.0)
         elif token == "(":
-            round_open.append(len(runs))
+            round_open.append(len(weights))
         elif token == "[":
-            square_open.append(len(runs))
+            square_open.append(len(weights))
         elif weight is not None and round_open:
             try:
                 factor = float(weight)
@@ -344,28 +364,35 @@ def _uses_emphasis(prompt: str) -> bool:
         else:
             for i, part in enumerate(_BREAK_RE.split(token)):
                 if i > 0:
-                    runs.append(["BREAK", -1.0])
-                runs.append([part, 1.0])
+                    add("BREAK", -1.0)
+                add(part, 1.0)
     for pos in round_open:
         multiply(pos, 1.1)
     for pos in square_open:
         multiply(pos, 1 / 1.1)
-    return any(run[1] != 1.0 and run[0] != "BREAK" for run in runs)
+    return any(w != 1.0 and t != "BREAK" for t, w in zip(texts, weights, strict=True))
 
 
-def _parse_version(text: object) -> object | None:
+def _parse_version(text: object) -> Version | None:
     """A1111's `infotext_versions.parse_version`: cut at the second '-', then PEP 440; None if unparsable."""
     if not isinstance(text, str):
         return None
-    from packaging import version
+    from packaging.version import InvalidVersion, Version
 
     match = re.match(r"([^-]+-[^-]+)-.*", text)
     if match:
         text = match.group(1)
     try:
-        return version.parse(text)
-    except version.InvalidVersion:
+        return Version(text)
+    except InvalidVersion:
         return None
+
+
+def _version(text: str) -> Version:
+    """A version constant A1111 compares against (always parsable)."""
+    from packaging.version import Version
+
+    return Version(text)
 
 
 def a1111_params(info: Infotext) -> dict[str, str | int | bool]:
@@ -397,7 +424,7 @@ def a1111_params(info: Infotext) -> dict[str, str | int | bool]:
     prompt, negative = info.prompt, info.negative_prompt
     if "Hires prompt" in res or "Hires negative prompt" in res:
         version_now = _parse_version(res.get("Version"))
-        if version_now is None or version_now > _parse_version("1.8.0-139"):  # type: ignore[operator]
+        if version_now is None or version_now > _version("1.8.0-139"):
             if res.get("Hires prompt", prompt) == prompt:
                 res["Hires prompt"] = ""
             if res.get("Hires negative prompt", negative) == negative:
@@ -425,14 +452,14 @@ def a1111_params(info: Infotext) -> dict[str, str | int | bool]:
 
     ver = _parse_version(res.get("Version"))
     if ver is not None:
-        v160, v170_tsnr, v180 = (_parse_version(v) for v in ("1.6.0", "v1.7.0-225", "1.8.0"))
-        if ver < v160 and "[" in str(res.get("Prompt", "")):  # type: ignore[operator]
+        v160, v170_tsnr, v180 = _version("1.6.0"), _version("v1.7.0-225"), _version("1.8.0")
+        if ver < v160 and "[" in str(res.get("Prompt", "")):
             res["Old prompt editing timelines"] = True
-        if ver < v160 and res.get("Sampler", "") in ("DDIM", "PLMS"):  # type: ignore[operator]
+        if ver < v160 and res.get("Sampler", "") in ("DDIM", "PLMS"):
             res["Pad conds v0"] = True
-        if ver < v170_tsnr:  # type: ignore[operator]
+        if ver < v170_tsnr:
             res["Downcast alphas_cumprod"] = True
-        if ver < v180 and res.get("Refiner"):  # type: ignore[operator]
+        if ver < v180 and res.get("Refiner"):
             res["Refiner switch by sampling steps"] = True
     return res
 
@@ -563,7 +590,7 @@ def read_infotext(source: str | Path | bytes | Image.Image) -> str | None:
         return _infotext_from_image(source)
     if isinstance(source, (bytes, bytearray, memoryview)):
         label = "the given image data"
-        opener: object = io.BytesIO(bytes(source))
+        opener: Path | BinaryIO = io.BytesIO(bytes(source))
     else:
         path = Path(source)
         label = str(path)
@@ -571,14 +598,14 @@ def read_infotext(source: str | Path | bytes | Image.Image) -> str | None:
             raise ImageError(f"cannot read infotext: there is no file at {label}; check the path")
         opener = path
     try:
-        with Image.open(opener) as image:  # type: ignore[arg-type]
+        with Image.open(opener) as image:
             return _infotext_from_image(image)
     except UnidentifiedImageError as exc:
         raise ImageError(
             f"cannot read infotext from {label}: it is not an image file Pillow can decode ({exc}); "
             "give a PNG, JPEG or WEBP image"
         ) from exc
-    except (OSError, ValueError, SyntaxError) as exc:
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise ImageError(
             f"cannot read infotext from {label}: the image file is damaged or truncated ({exc}); "
             "use the original file"

@@ -49,7 +49,7 @@ def infotext_params(context: GenerationContext, index: int) -> dict[str, Any]:
         content = MaskedContent(request.masked_content)
         if content is not MaskedContent.original:
             params["Masked content"] = content.value
-    for name, value in request.options.items():
+    for value in request.options.values():
         to_infotext = getattr(value, "infotext", None)
         if callable(to_infotext):
             params.update(to_infotext())

@@ -56,7 +56,7 @@ class Registry(Generic[T]):
 
 def collect(hook: Any, pm: pluggy.PluginManager, registry: Registry[Any], name_of: Callable[..., str]) -> None:
     """Call a `register_<things>` hook once per plugin so duplicates can name the plugins involved."""
-    for impl in reversed(hook.get_hookimpls()):  # pluggy lists implementations last-registered first
+    for impl in hook.get_hookimpls():  # in registration order (pluggy calls them in reverse)
 
         def register(*args: Any, _owner: str = impl.plugin_name) -> None:
             registry.add(name_of(*args), args[0] if len(args) == 1 else args, owner=_owner)

@@ -137,10 +137,11 @@ class GenerationRequest(BaseModel):
         return data
 
 
-def describe_validation_error(exc: Any) -> str:
+def describe_validation_error(exc: Any, prefix: str = "") -> str:
+    """One message listing every invalid field as `path: what is wrong` (`prefix` is prepended to paths)."""
     parts = []
     for err in exc.errors():
-        where = ".".join(str(p) for p in err.get("loc", ())) or "request"
+        where = prefix + ".".join(str(p) for p in err.get("loc", ())) or "request"
         message = err.get("msg", "invalid").removeprefix("Value error, ")
         if err.get("type") == "extra_forbidden":
             message = "unknown field; see `sdcore schema` for the fields a request takes"

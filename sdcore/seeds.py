@@ -20,6 +20,7 @@ The rules reproduced here (A1111 `modules/processing.py` and `modules/rng.py`):
 
 from __future__ import annotations
 
+import numbers
 import secrets
 from collections.abc import Sequence
 
@@ -53,10 +54,11 @@ def resolve_seed(seed: int) -> int:
     result and the infotext) so the image can be made again. Any other value outside `[0, MAX_SEED]` is a
     mistake, not a wish for randomness, so it is refused instead of silently replaced like A1111 does.
     """
-    if isinstance(seed, bool) or not isinstance(seed, int):
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise InvalidRequest(
             f"seed must be an integer from 0 to {MAX_SEED}, or -1 for a random seed; got {seed!r}"
         )
+    seed = int(seed)
     if seed == RANDOM_SEED:
         return secrets.randbelow(MAX_SEED + 1)
     if seed < 0 or seed > MAX_SEED:

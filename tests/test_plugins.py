@@ -45,9 +45,9 @@ def test_allow_list_and_block_list():
 
 
 def test_trace_prints_hook_calls():
-    out = cli("samplers", env={"SDCORE_TRACE_PLUGINS": "1"})
+    out = cli("--help", env={"SDCORE_TRACE_PLUGINS": "1"})
     assert out.returncode == 0
-    assert "[sdcore trace] register_samplers" in out.stderr
+    assert "[sdcore trace] register_commands(cli) -> hello" in out.stderr
 
 
 class Misspelled:

@@ -1,0 +1,560 @@
+"""Full training of a small latent diffusion model in the SD 1.x layout, from scratch or from a checkpoint.
+
+Two stages, both in `train_full`:
+
+1. (optional) the VAE as an autoencoder on the data's images (L1 + MSE + a small KL term), then frozen; its
+   `scaling_factor` is set so the latents have unit standard deviation, as Stable Diffusion's are;
+2. the UNet and the CLIP text encoder together on the frozen VAE's latents: ε-prediction with the model's
+   DDPM betas (so every standard sampler works), caption dropout for classifier-free guidance, min-SNR
+   weighting, AdamW with warm-up and cosine decay, an EMA of the weights (the EMA is what gets saved).
+
+Progress bars show the loss; sample grids are written every K steps; a checkpoint (`checkpoint.pt`: tensors and
+plain values only, read back with `weights_only=True`) every C steps lets `--resume` continue a run exactly
+where it stopped (the random numbers of each step depend only on the seed and the step); a loss-curve PNG is
+written at the end. The result is saved as a single-file `.safetensors` in the original LDM key layout through
+the SD 1.x family's writer, so it loads like any community checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .common import (
+    EMA,
+    ImageFolder,
+    alphas_cumprod,
+    image_grid,
+    load_checkpoint,
+    lr_factor,
+    min_snr_weights,
+    plot_loss,
+    save_checkpoint,
+    step_generator,
+    to_pixels,
+)
+
+log = logging.getLogger("sdcore.training")
+
+SD1_SCHEDULER = {
+    "_class_name": "PNDMScheduler",
+    "_diffusers_version": "0.42.1",
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "prediction_type": "epsilon",
+    "timestep_spacing": "leading",
+    "trained_betas": None,
+}
+
+
+# --- the demo architecture ------------------------------------------------------------------------------
+
+
+def demo_configs() -> dict[str, dict[str, Any]]:
+    """The demo model: SD 1.x's building blocks and key layout with tiny widths and fewer levels (sized for a
+    2-core CPU): 64×64 images, an 8× VAE (4 levels, 8..32 channels) giving 8×8×4 latents, a 3-level UNet
+    (32/64/64 channels, cross-attention at 8×8 and 4×4, one head) and a 3-layer CLIP text encoder 64 wide with
+    CLIP's full 49408-token vocabulary, so the real tokenizer works."""
+    unet = {
+        "_class_name": "UNet2DConditionModel",
+        "_diffusers_version": "0.42.1",
+        "sample_size": 8,
+        "in_channels": 4,
+        "out_channels": 4,
+        "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+        "block_out_channels": [32, 64, 64],
+        "layers_per_block": 1,
+        "cross_attention_dim": 64,
+        "attention_head_dim": 1,
+        "norm_num_groups": 4,
+        "flip_sin_to_cos": True,
+        "freq_shift": 0,
+        "downsample_padding": 1,
+        "mid_block_scale_factor": 1,
+        "act_fn": "silu",
+        "norm_eps": 1e-5,
+        "center_input_sample": False,
+    }
+    vae = {
+        "_class_name": "AutoencoderKL",
+        "_diffusers_version": "0.42.1",
+        "in_channels": 3,
+        "out_channels": 3,
+        "latent_channels": 4,
+        "down_block_types": ["DownEncoderBlock2D"] * 4,
+        "up_block_types": ["UpDecoderBlock2D"] * 4,
+        "block_out_channels": [8, 16, 32, 32],
+        "layers_per_block": 1,
+        "norm_num_groups": 1,
+        "act_fn": "silu",
+        "sample_size": 64,
+        "scaling_factor": 0.18215,
+    }
+    text_encoder = {
+        "architectures": ["CLIPTextModel"],
+        "model_type": "clip_text_model",
+        "vocab_size": 49408,
+        "hidden_size": 64,
+        "intermediate_size": 256,
+        "projection_dim": 64,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 4,
+        "max_position_embeddings": 77,
+        "hidden_act": "quick_gelu",
+        "layer_norm_eps": 1e-5,
+        "attention_dropout": 0.0,
+        "dropout": 0.0,
+        "initializer_range": 0.02,
+        "initializer_factor": 1.0,
+        "bos_token_id": 0,
+        "eos_token_id": 2,
+        "pad_token_id": 1,
+        "torch_dtype": "float32",
+    }
+    index = {
+        "_class_name": "StableDiffusionPipeline",
+        "_diffusers_version": "0.42.1",
+        "feature_extractor": [None, None],
+        "image_encoder": [None, None],
+        "requires_safety_checker": False,
+        "safety_checker": [None, None],
+        "scheduler": ["diffusers", "PNDMScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+    return {"model_index": index, "unet": unet, "vae": vae, "text_encoder": text_encoder,
+            "scheduler": dict(SD1_SCHEDULER)}
+
+
+def write_config_folder(folder: str | Path, configs: dict[str, dict[str, Any]] | None = None) -> Path:
+    """A diffusers config folder without weights (model_index.json + unet/vae/text_encoder/scheduler configs,
+    the tokenizer files): what the SD 1.x family needs to load a single file of a non-standard architecture."""
+    from sdcore.tokenizers import save_clip_tokenizer
+
+    configs = configs or demo_configs()
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def dump(path: Path, data: dict[str, Any]) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+    dump(folder / "model_index.json", configs["model_index"])
+    dump(folder / "unet" / "config.json", configs["unet"])
+    dump(folder / "vae" / "config.json", configs["vae"])
+    dump(folder / "text_encoder" / "config.json", configs["text_encoder"])
+    dump(folder / "scheduler" / "scheduler_config.json", configs["scheduler"])
+    save_clip_tokenizer(folder / "tokenizer")
+    return folder
+
+
+def read_config_folder(folder: str | Path) -> dict[str, dict[str, Any]]:
+    folder = Path(folder)
+    if not (folder / "model_index.json").is_file():
+        raise FileNotFoundError(f"{folder} is not a diffusers config folder (no model_index.json).")
+
+    def load(*parts: str) -> dict[str, Any]:
+        return json.loads((folder.joinpath(*parts)).read_text(encoding="utf-8"))
+
+    return {
+        "model_index": load("model_index.json"),
+        "unet": load("unet", "config.json"),
+        "vae": load("vae", "config.json"),
+        "text_encoder": load("text_encoder", "config.json"),
+        "scheduler": load("scheduler", "scheduler_config.json"),
+    }
+
+
+@dataclass
+class Components:
+    """The trainable parts of an SD 1.x model, as plain diffusers/transformers modules."""
+
+    unet: Any
+    vae: Any
+    text_encoder: Any
+    tokenizer: Any
+    scheduler_config: dict[str, Any]
+    configs: dict[str, dict[str, Any]] | None = None  # set when built from a config folder
+
+
+def build_components(configs: dict[str, dict[str, Any]], seed: int = 0) -> Components:
+    """Fresh, randomly initialised modules from configs (deterministic for a seed)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from sdcore.tokenizers import clip_tokenizer
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel.from_config({k: v for k, v in configs["unet"].items()})
+    vae = AutoencoderKL.from_config({k: v for k, v in configs["vae"].items()})
+    te_config = CLIPTextConfig(**{k: v for k, v in configs["text_encoder"].items()
+                                  if k not in ("architectures", "model_type", "torch_dtype")})
+    text_encoder = CLIPTextModel(te_config)
+    return Components(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer(),
+                      scheduler_config=dict(configs["scheduler"]), configs=configs)
+
+
+def components_from_model(model: Any) -> Components:
+    """The modules of a model loaded by the engine (`DiffusionModel`), for training in place."""
+    parts = model.components()
+    return Components(unet=parts["unet"], vae=parts["vae"], text_encoder=parts["text_encoder"],
+                      tokenizer=parts["tokenizer"], scheduler_config=dict(model.scheduler_config))
+
+
+# --- stage 1: the VAE -----------------------------------------------------------------------------------
+
+
+def colour_augment(x: torch.Tensor, generator: torch.Generator, p: float = 0.5) -> torch.Tensor:
+    """Randomly remap each channel of some images (x in [-1, 1]) with a random affine map, so the autoencoder
+    learns every colour, not only the ones in the data."""
+    b = x.shape[0]
+    apply = (torch.rand(b, 1, 1, 1, generator=generator) < p).float()
+    scale = torch.empty(b, 3, 1, 1).uniform_(0.3, 1.0, generator=generator)
+    sign = torch.where(torch.rand(b, 3, 1, 1, generator=generator) < 0.5, -1.0, 1.0)
+    scale = scale * sign
+    room = 1.0 - scale.abs()
+    shift = (torch.rand(b, 3, 1, 1, generator=generator) * 2 - 1) * room
+    mapped = (x * scale + shift).clamp(-1, 1)
+    return apply * mapped + (1 - apply) * x
+
+
+@dataclass
+class VaeSettings:
+    steps: int = 2000
+    batch_size: int = 32
+    crop: int | None = 32  # train on random crops (aligned to the latent grid): the VAE is convolutional
+    lr: float = 2e-3
+    warmup: int = 100
+    kl_weight: float = 1e-6
+    initial_logvar: float = -6.0  # start with nearly deterministic latents, so details are learned from the start
+    colour_augment: float = 0.3
+    seed: int = 0
+
+
+def random_crops(x: torch.Tensor, size: int, grid: int, generator: torch.Generator) -> torch.Tensor:
+    """One random `size`×`size` crop per image, its corner on multiples of `grid` (the VAE's downsampling)."""
+    b, _, h, w = x.shape
+    if size >= h and size >= w:
+        return x
+    ys = torch.randint(0, (h - size) // grid + 1, (b,), generator=generator) * grid
+    xs = torch.randint(0, (w - size) // grid + 1, (b,), generator=generator) * grid
+    return torch.stack([x[i, :, int(ys[i]):int(ys[i]) + size, int(xs[i]):int(xs[i]) + size] for i in range(b)])
+
+
+def train_vae(vae: Any, data: ImageFolder, settings: VaeSettings, *, work_dir: Path | None = None,
+              progress: bool = True, log_every: int = 0) -> list[float]:
+    """Train `vae` as an autoencoder on `data.images`; returns the losses. The VAE ends in eval mode, frozen,
+    with `scaling_factor` set so that scaled latents have unit standard deviation."""
+    from tqdm import tqdm
+
+    vae.train().requires_grad_(True)
+    latent = int(vae.config.latent_channels)
+    if settings.initial_logvar and vae.quant_conv is not None:
+        with torch.no_grad():
+            vae.quant_conv.bias[latent:] += settings.initial_logvar
+    grid = 2 ** (len(vae.config.block_out_channels) - 1)
+    params = [p for p in vae.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=settings.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    losses: list[float] = []
+    n = len(data)
+    bar = tqdm(range(settings.steps), desc="VAE", unit="step", disable=not progress, dynamic_ncols=True)
+    for step in bar:
+        for group in optimizer.param_groups:
+            group["lr"] = settings.lr * lr_factor(step, settings.steps, settings.warmup)
+        g = step_generator(settings.seed, step, stream=1)
+        idx = torch.randint(0, n, (settings.batch_size,), generator=g)
+        x = data.images[idx]
+        if settings.crop:
+            x = random_crops(x, settings.crop, grid, g)
+        x = to_pixels(x)
+        if settings.colour_augment > 0:
+            x = colour_augment(x, g, settings.colour_augment)
+        posterior = vae.encode(x).latent_dist
+        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=g)
+        y = vae.decode(z).sample
+        rec = (y - x).abs().mean() + F.mse_loss(y, x)
+        kl = posterior.kl().mean()
+        loss = rec + settings.kl_weight * kl
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        losses.append(float(rec.detach()))
+        bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        if log_every and (step + 1) % log_every == 0:
+            recent = losses[-log_every:]
+            log.info("vae step %d rec %.4f kl %.1f", step + 1, sum(recent) / len(recent), float(kl))
+    vae.eval().requires_grad_(False)
+    scale = latent_scaling_factor(vae, data)
+    vae.register_to_config(scaling_factor=scale)
+    if work_dir is not None:
+        work_dir.mkdir(parents=True, exist_ok=True)
+        plot_loss(losses, work_dir / "vae_loss.png", title="VAE reconstruction loss (L1 + MSE)")
+        with torch.no_grad():
+            x = to_pixels(data.images[:16])
+            y = vae.decode(vae.encode(x).latent_dist.mode()).sample
+        pics = [_to_pil(t) for t in torch.cat([x, y])]
+        image_grid(pics, 16, scale=2).save(work_dir / "vae_reconstruction.png")
+    return losses
+
+
+@torch.no_grad()
+def latent_scaling_factor(vae: Any, data: ImageFolder, count: int = 512) -> float:
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randperm(len(data), generator=g)[:count]
+    latents = torch.cat([vae.encode(to_pixels(data.images[idx[i:i + 64]])).latent_dist.mode()
+                         for i in range(0, len(idx), 64)])
+    return float(1.0 / latents.flatten().std())
+
+
+def _to_pil(t: torch.Tensor) -> Any:
+    from PIL import Image
+
+    array = ((t.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+    return Image.fromarray(array)
+
+
+# --- stage 2: UNet + text encoder ------------------------------------------------------------------------
+
+
+DEFAULT_SAMPLE_PROMPTS = (
+    "a red circle at the top left on a white background",
+    "a large blue square in the centre on a black background",
+    "a small green triangle at the bottom right on a gray background",
+    "a yellow star on the left on a black and white background",
+    "a large purple circle at the bottom on a gray and black background",
+    "an orange triangle at the top right on a white background",
+    "a small blue star at the bottom left on a white and gray background",
+    "a large red square on the right on a black background",
+)
+
+
+@dataclass
+class DiffusionSettings:
+    steps: int = 4000
+    batch_size: int = 64
+    lr: float = 1e-3
+    warmup: int = 200
+    ema_decay: float = 0.999
+    caption_dropout: float = 0.1
+    min_snr_gamma: float = 5.0
+    noise_offset: float = 0.05
+    train_text_encoder: bool = True
+    grad_clip: float = 1.0
+    sample_every: int = 500
+    sample_prompts: Sequence[str] = DEFAULT_SAMPLE_PROMPTS
+    sample_steps: int = 20
+    sample_cfg: float = 5.0
+    checkpoint_every: int = 500
+    seed: int = 0
+
+
+def tokenize_captions(tokenizer: Any, captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unique captions as 77-token rows (BOS, tokens, EOS, padding; what the SD 1.x family feeds the text encoder
+    for a prompt of one chunk) and each caption's row index."""
+    unique: dict[str, int] = {}
+    index = [unique.setdefault(c, len(unique)) for c in captions]
+    texts = list(unique)
+    ids = tokenizer(texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    return ids, torch.tensor(index, dtype=torch.long)
+
+
+@torch.no_grad()
+def encode_dataset(vae: Any, data: ImageFolder, batch: int = 128, progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior mean and standard deviation of every image (the VAE is frozen, so this happens once)."""
+    from tqdm import tqdm
+
+    means, stds = [], []
+    for i in tqdm(range(0, len(data), batch), desc="Encoding latents", unit="batch", disable=not progress,
+                  leave=False, dynamic_ncols=True):
+        dist = vae.encode(to_pixels(data.images[i:i + batch])).latent_dist
+        means.append(dist.mean)
+        stds.append(dist.std)
+    return torch.cat(means), torch.cat(stds)
+
+
+class DiffusionTrainer:
+    """Trains the UNet (and the text encoder) of `components` on `data`, with its VAE frozen."""
+
+    def __init__(self, components: Components, data: ImageFolder, settings: DiffusionSettings,
+                 work_dir: Path, progress: bool = True) -> None:
+        self.c = components
+        self.data = data
+        self.s = settings
+        self.work_dir = Path(work_dir)
+        self.progress = progress
+        self.prediction_type = components.scheduler_config.get("prediction_type", "epsilon")
+        self.acp = alphas_cumprod(components.scheduler_config)
+        self.scale = float(components.vae.config.scaling_factor)
+        components.vae.eval().requires_grad_(False)
+        self.means, self.stds = encode_dataset(components.vae, data, progress=progress)
+        self.ids, self.caption_index = tokenize_captions(components.tokenizer, data.captions)
+        self.uncond = components.tokenizer([""], padding="max_length", max_length=77,
+                                           return_tensors="pt").input_ids[0]
+        unet, te = components.unet, components.text_encoder
+        unet.train().requires_grad_(True)
+        te.train().requires_grad_(settings.train_text_encoder)
+        self.params = [p for p in unet.parameters() if p.requires_grad]
+        if settings.train_text_encoder:
+            self.params += [p for p in te.parameters() if p.requires_grad]
+        # no weight decay: it would also shrink the rows of the 49408-token embedding table that no caption uses
+        self.optimizer = torch.optim.AdamW(self.params, lr=settings.lr, betas=(0.9, 0.99), weight_decay=0.0)
+        self.ema = EMA(self.params, settings.ema_decay)
+        self.step = 0
+        self.losses: list[float] = []
+
+    # -- checkpoints --------------------------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        return {
+            "kind": "sdcore-full",
+            "step": self.step,
+            "unet": self.c.unet.state_dict(),
+            "text_encoder": self.c.text_encoder.state_dict(),
+            "vae": self.c.vae.state_dict(),
+            "vae_scaling_factor": self.scale,
+            "ema": self.ema.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "losses": list(self.losses),
+            "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self.s).items()},
+        }
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        if state.get("kind") != "sdcore-full":
+            raise ValueError("This checkpoint was not written by `sdcore train full`.")
+        self.c.unet.load_state_dict(state["unet"])
+        self.c.text_encoder.load_state_dict(state["text_encoder"])
+        self.ema.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = int(state["step"])
+        self.losses = [float(x) for x in state["losses"]]
+
+    def save_checkpoint(self) -> Path:
+        path = self.work_dir / "checkpoint.pt"
+        save_checkpoint(path, self.state())
+        return path
+
+    # -- training -----------------------------------------------------------------------------------------
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        s, g = self.s, step_generator(self.s.seed, step, stream=2)
+        idx = torch.randint(0, len(self.data), (s.batch_size,), generator=g)
+        z = (self.means[idx] + self.stds[idx] * torch.randn(self.means[idx].shape, generator=g)) * self.scale
+        noise = torch.randn(z.shape, generator=g)
+        if s.noise_offset:
+            noise = noise + s.noise_offset * torch.randn((z.shape[0], z.shape[1], 1, 1), generator=g)
+        t = torch.randint(0, len(self.acp), (s.batch_size,), generator=g)
+        ids = self.ids[self.caption_index[idx]].clone()
+        drop = torch.rand(s.batch_size, generator=g) < s.caption_dropout
+        ids[drop] = self.uncond
+        return z, noise, t, ids
+
+    def loss(self, z: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        a = self.acp[t].view(-1, 1, 1, 1)
+        noisy = a.sqrt() * z + (1 - a).sqrt() * noise
+        hidden = self.c.text_encoder(input_ids=ids).last_hidden_state
+        pred = self.c.unet(noisy, t, encoder_hidden_states=hidden).sample
+        target = noise if self.prediction_type == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * z
+        per_sample = (pred.float() - target).pow(2).mean(dim=(1, 2, 3))
+        weights = min_snr_weights(self.acp, t, self.s.min_snr_gamma, self.prediction_type)
+        return (per_sample * weights).mean()
+
+    def train(self, on_step: Callable[[int, float], None] | None = None) -> list[float]:
+        from tqdm import tqdm
+
+        s = self.s
+        bar = tqdm(total=s.steps, initial=self.step, desc="Training", unit="step", disable=not self.progress,
+                   dynamic_ncols=True)
+        started = time.time()
+        while self.step < s.steps:
+            step = self.step
+            for group in self.optimizer.param_groups:
+                group["lr"] = s.lr * lr_factor(step, s.steps, s.warmup)
+            loss = self.loss(*self.batch(step))
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if s.grad_clip:
+                torch.nn.utils.clip_grad_norm_(self.params, s.grad_clip)
+            self.optimizer.step()
+            self.ema.update(step)
+            value = float(loss.detach())
+            self.losses.append(value)
+            self.step += 1
+            recent = self.losses[-50:]
+            bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}")
+            bar.update(1)
+            if on_step is not None:
+                on_step(self.step, value)
+            if s.sample_every and (self.step % s.sample_every == 0 or self.step == s.steps):
+                self.write_samples()
+            if s.checkpoint_every and (self.step % s.checkpoint_every == 0 or self.step == s.steps):
+                self.save_checkpoint()
+        bar.close()
+        log.info("diffusion training: %d steps in %.0f s", s.steps, time.time() - started)
+        plot_loss(self.losses, self.work_dir / "loss.png", title="diffusion loss (min-SNR weighted MSE)")
+        return self.losses
+
+    # -- samples ------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def write_samples(self) -> Path:
+        self.ema.swap()
+        try:
+            images = sample_images(self.c, list(self.s.sample_prompts), seed=self.s.seed, steps=self.s.sample_steps,
+                                   cfg=self.s.sample_cfg)
+        finally:
+            self.ema.swap()
+            self.c.unet.train()
+            self.c.text_encoder.train()
+        folder = self.work_dir / "samples"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"step_{self.step:06d}.png"
+        image_grid(images, min(8, len(images)), scale=2).save(path)
+        return path
+
+    def use_ema(self) -> None:
+        """Put the averaged weights into the modules (for saving)."""
+        self.ema.swap()
+        self.c.unet.eval().requires_grad_(False)
+        self.c.text_encoder.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def sample_images(c: Components, prompts: list[str], seed: int = 0, steps: int = 20, cfg: float = 5.0,
+                  size: int | None = None) -> list[Any]:
+    """Quick previews with DDIM and classifier-free guidance (the engine is not needed while training)."""
+    from diffusers import DDIMScheduler
+
+    c.unet.eval()
+    c.text_encoder.eval()
+    scheduler = DDIMScheduler.from_config({k: v for k, v in c.scheduler_config.items() if not k.startswith("_")})
+    scheduler.set_timesteps(steps)
+    ids = c.tokenizer(prompts + [""], padding="max_length", max_length=77, truncation=True,
+                      return_tensors="pt").input_ids
+    hidden = c.text_encoder(input_ids=ids).last_hidden_state
+    cond, uncond = hidden[:-1], hidden[-1:].expand(len(prompts), -1, -1)
+    factor = 2 ** (len(c.vae.config.block_out_channels) - 1)
+    side = (size or int(c.unet.config.sample_size) * factor) // factor
+    g = torch.Generator().manual_seed(seed)
+    latents = torch.randn((len(prompts), int(c.unet.config.in_channels), side, side), generator=g)
+    for t in scheduler.timesteps:
+        both = c.unet(torch.cat([latents, latents]), t, encoder_hidden_states=torch.cat([uncond, cond])).sample
+        u, p = both.chunk(2)
+        latents = scheduler.step(u + cfg * (p - u), t, latents).prev_sample
+    pixels = c.vae.decode(latents / c.vae.config.scaling_factor).sample
+    return [_to_pil(x) for x in pixels]
