@@ -71,12 +71,49 @@ def register_request_options(register: Any) -> None:
 
 
 @hookspec
+def register_prompt_tags(register: Any) -> None:
+    """Claim extra-network tag names of the prompt language (`<lora:name:0.8>`, `<hypernet:name>`, ...).
+
+    Called when the prompt-language plugin first needs its tag registry for an engine (and again after
+    `Engine.register` adds plugins). Call `register(tag_name, handler, check=None)` once per name; the name
+    is case-sensitive word characters, as A1111 matches it (`lora` and `LoRA` are different tags). A name
+    already claimed raises `PluginError`.
+
+    `handler(args_list, context)` is called once per batch, in the worker thread, before any other
+    `run_generation` wrapper runs (so a LoRA plugin's wrapper can patch the model with what its handler
+    recorded in `context.extra`). `args_list` holds one list of string arguments per occurrence of the tag
+    in the positive prompt, in prompt order, split on every `:` as A1111 does (`<lora:a:0.8:unet=1>` gives
+    `["a", "0.8", "unet=1"]`); `context` is the `GenerationContext`. The tag is removed from the text
+    before encoding whether or not anyone claims it; unclaimed tags give a warning that names the known ones.
+
+    `check(args_list, request, engine)`, if given, is called in `Engine.submit` (from the plugin's
+    `prepare_request`); raise `sdcore.errors.InvalidRequest` there to refuse the job before it is queued
+    (for example for a LoRA file that does not exist).
+    """
+
+
+@hookspec
 def register_commands(cli: click.Group) -> None:
     """Add CLI commands.
 
     Called when the `sdcore` command line starts, with the root `click.Group`; add commands or groups to it
     with `cli.add_command(...)` or the `@cli.command()` decorator. Command names must not clash with the
     core's (`generate`, `info`, `regenerate`, `infotext`, `plugins`, `samplers`, `schema`).
+    """
+
+
+@hookspec
+def register_bridge_methods(register: Any) -> None:
+    """Add methods to the websocket bridge protocol (`docs/bridge-protocol.md`).
+
+    Called once when a bridge server starts (`sdcore serve`), with the plugins of the engine it serves. Call
+    `register(name, handler)` for each method: `name` becomes a request `type` that clients may send and that
+    `welcome.capabilities.methods` lists; `handler(data, context)` gets the request's `data` dict and a
+    `sdcore_bridges.server.MethodContext` (`context.engine`, `context.session_id`). It may be a plain function
+    (run in a worker thread) or a coroutine function; the dict it returns is the reply's `data` (any other
+    value is sent as `{"result": value}`), and an exception it raises becomes a typed `error` reply. The
+    bridge answers `list_loras` and `list_embeddings` with an empty list until one plugin registers them;
+    any other name already taken (by the bridge or another plugin) raises `PluginError`.
     """
 
 

@@ -151,12 +151,16 @@ class DiffusionModel(ABC):
     def pipeline_class(self, mode: str) -> type:
         """The diffusers pipeline class for `mode` ("txt2img", "img2img", "inpaint")."""
 
+    def pipeline_kwargs(self, mode: str) -> dict[str, Any]:
+        """Keyword arguments for `pipeline_class(mode)`; families add pipeline-specific ones."""
+        return self.components()
+
     def pipeline(self, mode: str = "txt2img") -> Any:
         """A diffusers pipeline for `mode` that shares this model's modules (built once, no weights copied)."""
         with self.lock:
             if mode not in self._pipelines:
                 cls = self.pipeline_class(mode)
-                pipe = cls(**self.components())
+                pipe = cls(**self.pipeline_kwargs(mode))
                 pipe.set_progress_bar_config(disable=True)
                 self._pipelines[mode] = pipe
             return self._pipelines[mode]

@@ -102,7 +102,7 @@ def assert_same_weights(a, b, modules=MODULES):
 
 def test_plugin_module_imports_without_torch_or_diffusers():
     code = (
-        "import sys, sdcore_plugins.sd1, sdcore_plugins.sd1.family, sdcore_plugins.sd1.sdshared;"
+        "import sys, sdcore_plugins.sd1, sdcore_plugins.sd1.family, sdcore_plugins.sdcommon;"
         "heavy = [m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules];"
         "assert not heavy, heavy"
     )
@@ -142,6 +142,7 @@ def test_sd2_prediction_from_marker_metadata_and_name(family, tiny_path, tmp_pat
         return family.detect(inspect_model(path))
 
     assert detect("anything") == "sd2-v"  # keys cannot tell 512 from 768: default v like diffusers
+    assert detect("sd21-finetune-10000steps") == "sd2-v"
     assert detect("v2-1_512-ema-pruned") == "sd2"
     assert detect("v2-1_768-ema-pruned") == "sd2-v"
     assert detect("model", {"modelspec.prediction_type": "epsilon"}) == "sd2"
@@ -241,6 +242,26 @@ def test_diffusers_folder_loads_identically(family, sd15, sd15_folder):
     assert model.tokenizer("a cat")["input_ids"] == [49406, 320, 2368, 49407]
 
 
+def test_pickle_only_folder_needs_the_opt_in(family, sd15, tmp_path):
+    from sdcore.errors import UnsafeCheckpoint
+
+    folder = tmp_path / "pickled"
+    sd15.pipeline("txt2img").save_pretrained(str(folder), safe_serialization=False)
+    assert not list(folder.glob("unet/*.safetensors")) and list(folder.glob("unet/*.bin"))
+    with pytest.raises(UnsafeCheckpoint, match="allow"):
+        load(family, folder)
+    model = load(family, folder, allow_pickle=True)  # diffusers/transformers from_pretrained, weights_only
+    assert_same_weights(sd15, model)
+
+
+def test_pickle_single_file_with_opt_in(family, sd15, tmp_path):
+    path = tmp_path / "old.ckpt"
+    torch.save({"state_dict": sd15.to_single_file_state_dict(), "global_step": 1}, path)
+    source = inspect_model(path, allow_pickle=True)
+    model = family.load(source, family.detect(source), LoadOptions(allow_pickle=True))
+    assert_same_weights(sd15, model)
+
+
 def test_shipped_config_folder_is_complete_for_plain_diffusers(family, tmp_path):
     from transformers import CLIPTokenizer
 
@@ -285,9 +306,11 @@ def test_explicit_config_folder_is_used(family, sd15_file, sd15_folder, tmp_path
     data = json.loads(scheduler.read_text())
     data.update(prediction_type="v_prediction", beta_end=0.02)
     scheduler.write_text(json.dumps(data))
+    tokenizer_config = config / "tokenizer" / "tokenizer_config.json"
+    tokenizer_config.write_text(json.dumps({**json.loads(tokenizer_config.read_text()), "pad_token": "!"}))
     model = load(family, sd15_file, config=config)
     assert model.scheduler_config["beta_end"] == 0.02 and model.prediction_type == "v_prediction"
-    assert model.tokenizer.name_or_path.startswith(str(config))  # its tokenizer folder, not the shipped one
+    assert model.tokenizer.pad_token_id == 0  # the config folder's tokenizer, not the shipped SD 1.x one
     # a config that does not fit the file is a clear error
     unet = config / "unet" / "config.json"
     data = json.loads(unet.read_text())

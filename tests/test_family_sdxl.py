@@ -101,13 +101,6 @@ def assert_same_weights(a, b, modules):
             assert sa[key].dtype == sb[key].dtype and torch.equal(sa[key], sb[key]), (name, key)
 
 
-def test_shared_helpers_are_identical_copies():
-    import sdcore_plugins.sd1.sdshared as one
-    import sdcore_plugins.sdxl.sdshared as two
-
-    assert filecmp.cmp(one.__file__, two.__file__, shallow=False), "copy plugins/sd1/sdshared.py to plugins/sdxl/"
-
-
 def test_plugin_module_imports_without_torch_or_diffusers():
     code = (
         "import sys, sdcore_plugins.sdxl, sdcore_plugins.sdxl.family;"
@@ -319,9 +312,9 @@ def test_pipelines_run_two_steps(base, refiner):
 
 
 def test_shipped_configs_are_the_real_architectures(family):
-    from sdcore_plugins.sdxl import sdshared
+    from sdcore_plugins import sdcommon
 
     folder = family.config_folder("sdxl-base")
-    unet = sdshared.build_empty(sdshared.unet_factory(sdshared.read_component_config(folder, "unet")))
+    unet = sdcommon.build_empty(sdcommon.unet_factory(sdcommon.read_component_config(folder, "unet")))
     assert round(sum(p.numel() for p in unet.parameters()) / 1e6, 2) == 2567.46
     assert Path(family.config_folder("sdxl-refiner"), "text_encoder").exists() is False

@@ -278,6 +278,9 @@ SCHEDULES = [
     ("(x[a:3]", 10, None, False, [(3, "(x"), (10, "(xa")]),
     ("[[a:3]", 10, None, False, [(3, "["), (10, "[a")]),
     ("[a|b]]", 2, None, False, [(1, "a]"), (2, "b]")]),
+    ("[a:b:5] (c)]", 10, None, False, [(5, "a (c)]"), (10, "b (c)]")]),
+    ("(x, [a:b:5]), y)", 10, None, False, [(5, "(x, a), y)"), (10, "(x, b), y)")]),
+    ("x [a:b:5], (c:1.2)]", 10, None, False, [(5, "x a, (c:1.2)]"), (10, "x b, (c:1.2)]")]),
     ("", 20, None, False, [(20, "")]),
 ]
 
@@ -351,6 +354,8 @@ UNSTABLE = (
         ("[a:3](", UNSTABLE.format(pos=0, stray=5), 0),
         ("(2[:3]]", UNSTABLE.format(pos=2, stray=6), 2),
         ("[x [y:1] z:2]]", UNSTABLE.format(pos=0, stray=13), 0),
+        ("[a:b:5](c)]", UNSTABLE.format(pos=0, stray=10), 0),
+        ("[cat:dog:0.5](masterpiece, 1girl", UNSTABLE.format(pos=0, stray=13), 0),
     ],
 )
 def test_schedules_lost_syntax_is_an_error(prompt, message, position):

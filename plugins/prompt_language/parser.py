@@ -60,10 +60,11 @@ Where A1111 silently loses syntax the user wrote (raised only with `strict=True`
    tag with arguments `["a", "0.8, <lora", "b", "1"]`. Position: the outer `<`.
 10. An extra-network tag in a negative prompt (`parse_negative_prompt`). A1111 does not apply networks
     from negative prompts; it encodes the tag as text. Position: the `<`.
-11. An editing or alternation construct that lark can also read as plain text, which happens when a
-    stray (plain-text) bracket or colon follows it, as in `[cat:dog:0.5]]`, `[a:b:5])` or `[a:b:5]:`.
-    lark breaks the tie by Python's string hash order, which is randomised per process, so the same
-    A1111 install reads the prompt one way or the other from one restart to the next. Position: the
+11. An editing or alternation construct that lark can also read as plain text. This happens when it is
+    followed, directly or with only other bracket groups in between, by a bracket or colon that is
+    plain text: `[cat:dog:0.5]]`, `[a:b:5])`, `[a:b:5]:`, `[a:b:5](unclosed`, `[a:b:5](c)]`. lark
+    breaks the tie by Python's string hash order, which is randomised per process, so the same A1111
+    install reads the prompt one way or the other from one restart to the next. Position: the
     construct's `[`; the message names the stray character.
 """
 

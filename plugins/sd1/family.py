@@ -9,7 +9,7 @@ from sdcore.checkpoints import ModelSource
 from sdcore.errors import InvalidRequest
 from sdcore.models import LoadOptions
 
-from . import sdshared
+from sdcore_plugins import sdcommon
 
 if TYPE_CHECKING:
     import torch
@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
 CONFIG_ROOT = Path(__file__).resolve().parent / "configs"
 VARIANTS = ("sd15", "sd15-inpaint", "sd2", "sd2-v", "sd2-inpaint")
-U = sdshared.UNET_PREFIX
+U = sdcommon.UNET_PREFIX
 SD1_TEXT = "cond_stage_model.transformer."
 SD2_TEXT = "cond_stage_model.model."
 SD_PIPELINES = {
@@ -54,12 +54,12 @@ def detect_single_file(source: ModelSource) -> str | None:
         return None  # no text encoder this family knows how to read
     prediction = None
     if sd2:
-        if sdshared.V_PRED_MARKER in keys:
+        if sdcommon.V_PRED_MARKER in keys:
             prediction = "v_prediction"
         else:
             # SD 2.x 512 (epsilon) and 768 (v) files have identical keys: use metadata, then the file name, and
             # default to v-prediction like diffusers (A1111 runs a test denoise instead).
-            prediction = sdshared.metadata_prediction(source.metadata) or sdshared.name_hints_prediction(source.name)
+            prediction = sdcommon.metadata_prediction(source.metadata) or sdcommon.name_hints_prediction(source.name)
     return _variant(sd2, int(conv_in[1]), prediction)
 
 
@@ -81,7 +81,7 @@ def _folder_reader(folder: Path) -> Any:
     def read(component: str) -> dict[str, Any] | None:
         name = "scheduler_config.json" if component == "scheduler" else "config.json"
         path = folder / component / name
-        return sdshared.read_json(path) if path.is_file() else None
+        return sdcommon.read_json(path) if path.is_file() else None
 
     return read
 
@@ -89,7 +89,7 @@ def _folder_reader(folder: Path) -> Any:
 def _hub_reader(repo: str) -> Any:
     def read(component: str) -> dict[str, Any] | None:
         name = "scheduler_config.json" if component == "scheduler" else "config.json"
-        return sdshared.hub_json(repo, f"{component}/{name}")
+        return sdcommon.hub_json(repo, f"{component}/{name}")
 
     return read
 
@@ -107,7 +107,7 @@ class SD1Family:
         if source.kind == "diffusers" and source.path is not None and source.model_index is not None:
             return detect_configs(source.model_index, _folder_reader(source.path))
         if source.kind == "hub":
-            index = source.model_index or sdshared.hub_json(source.location, "model_index.json")
+            index = source.model_index or sdcommon.hub_json(source.location, "model_index.json")
             if index is None:
                 return None
             return detect_configs(index, _hub_reader(source.location))

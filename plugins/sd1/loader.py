@@ -10,8 +10,8 @@ from sdcore.checkpoints import ModelSource
 from sdcore.errors import CheckpointError
 from sdcore.models import LoadOptions
 
-from . import sdshared
-from .sdshared import ComponentSpec
+from sdcore_plugins import sdcommon
+from sdcore_plugins.sdcommon import ComponentSpec
 
 if TYPE_CHECKING:
     from .family import SD1Family
@@ -25,8 +25,8 @@ def specs_for(variant: str) -> list[ComponentSpec]:
         else ComponentSpec("text_encoder", "clip", "cond_stage_model.transformer.")
     )
     return [
-        ComponentSpec("unet", "unet", sdshared.UNET_PREFIX),
-        ComponentSpec("vae", "vae", sdshared.VAE_PREFIX),
+        ComponentSpec("unet", "unet", sdcommon.UNET_PREFIX),
+        ComponentSpec("vae", "vae", sdcommon.VAE_PREFIX),
         text,
     ]
 
@@ -41,7 +41,7 @@ def _variant_for_config(variant: str, scheduler_config: dict[str, Any]) -> str:
 def load_model(family: SD1Family, source: ModelSource, variant: str, options: LoadOptions) -> SD1Model:
     from .model import SD1Model
 
-    dtype = sdshared.torch_dtype(options.dtype)
+    dtype = sdcommon.torch_dtype(options.dtype)
     pad = family.pad_token(variant)
     if source.kind == "single_file":
         explicit = Path(options.config).expanduser() if options.config else None
@@ -49,43 +49,45 @@ def load_model(family: SD1Family, source: ModelSource, variant: str, options: Lo
             raise CheckpointError(f"The config folder {explicit} has no unet/ subfolder (a diffusers config folder).")
         names = [spec.name for spec in specs_for(variant)] + ["scheduler"]
         if explicit is not None:
-            configs = sdshared.read_configs(explicit, names)
+            configs = sdcommon.read_configs(explicit, names)
             variant = _variant_for_config(variant, configs["scheduler"])
         else:
             configs = single_file_configs(family, variant, source)
-            configs["scheduler"] = sdshared.apply_prediction_markers(configs["scheduler"], source.keys)
+            configs["scheduler"] = sdcommon.apply_prediction_markers(configs["scheduler"], source.keys)
         scheduler_config = configs["scheduler"]
-        modules = sdshared.load_single_file_components(source, configs, specs_for(variant), dtype, options.vae)
-        tokenizer = sdshared.folder_tokenizer(explicit, "tokenizer", pad)
+        modules = sdcommon.load_single_file_components(source, configs, specs_for(variant), dtype, options.vae)
+        tokenizer = sdcommon.folder_tokenizer(explicit, "tokenizer", pad)
     elif source.kind == "diffusers":
         assert source.path is not None
         folder = source.path
-        scheduler_config = sdshared.read_component_config(folder, "scheduler")
-        modules = sdshared.load_folder_components(folder, specs_for(variant), dtype, options.vae)
-        tokenizer = sdshared.folder_tokenizer(folder, "tokenizer", pad)
+        scheduler_config = sdcommon.read_component_config(folder, "scheduler")
+        modules = sdcommon.load_folder_components(
+            folder, specs_for(variant), dtype, options.vae, allow_pickle=options.allow_pickle
+        )
+        tokenizer = sdcommon.folder_tokenizer(folder, "tokenizer", pad)
     else:
         repo = source.location
         configs = {}
         for spec in specs_for(variant):
             name = f"{spec.name}/config.json"
-            configs[spec.name] = sdshared.hub_json(repo, name) or {}
-        scheduler_config = sdshared.hub_json(repo, "scheduler/scheduler_config.json") or {}
-        modules = sdshared.load_hub_components(repo, specs_for(variant), configs, dtype, options.vae)
+            configs[spec.name] = sdcommon.hub_json(repo, name) or {}
+        scheduler_config = sdcommon.hub_json(repo, "scheduler/scheduler_config.json") or {}
+        modules = sdcommon.load_hub_components(repo, specs_for(variant), configs, dtype, options.vae)
         tokenizer = _hub_tokenizer(repo, pad)
-    sdshared.move(modules, options.device)
+    sdcommon.move(modules, options.device)
     return SD1Model(source, options, variant, modules, tokenizer, scheduler_config)
 
 
 def single_file_configs(family: SD1Family, variant: str, source: ModelSource) -> dict[str, dict[str, Any]]:
     """The shipped configs of `variant`, or the family's tiny test architecture when the file has its widths."""
     names = [spec.name for spec in specs_for(variant)] + ["scheduler"]
-    shipped = sdshared.read_configs(family.config_folder(variant), names)
-    if sdshared.config_matches(shipped, specs_for(variant), source.keys):
+    shipped = sdcommon.read_configs(family.config_folder(variant), names)
+    if sdcommon.config_matches(shipped, specs_for(variant), source.keys):
         return shipped
     from .tiny import tiny_configs
 
     tiny = tiny_configs(family, variant)
-    if sdshared.config_matches(tiny, specs_for(variant), source.keys):
+    if sdcommon.config_matches(tiny, specs_for(variant), source.keys):
         return tiny
     return shipped  # the loader reports which tensors do not fit, and suggests a config folder
 

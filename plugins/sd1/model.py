@@ -12,7 +12,7 @@ from sdcore.checkpoints import ModelSource
 from sdcore.errors import InvalidRequest
 from sdcore.models import DiffusionModel, LoadOptions, TokenOverride
 
-from . import sdshared
+from sdcore_plugins import sdcommon
 from .loader import specs_for
 
 PIPELINE_CLASSES = {
@@ -82,15 +82,15 @@ class SD1Model(DiffusionModel):
     def encode_token_chunks(
         self, chunks: Sequence[Sequence[int | TokenOverride]], clip_skip: int = 1
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        rows, overrides = sdshared.chunk_ids(list(chunks) or [[]], self.encoder_name, self.pad_token_id)
-        skip = sdshared.check_clip_skip(clip_skip, self.text_encoder)
+        rows, overrides = sdcommon.chunk_ids(list(chunks) or [[]], self.encoder_name, self.pad_token_id)
+        skip = sdcommon.check_clip_skip(clip_skip, self.text_encoder)
         with self.lock:
-            hidden, _ = sdshared.run_clip(self.text_encoder, rows, overrides, None if skip == 1 else -skip, True)
+            hidden, _ = sdcommon.run_clip(self.text_encoder, rows, overrides, None if skip == 1 else -skip, True)
         return hidden, None
 
     # -- diffusers interop ----------------------------------------------------------------------------------
     def make_scheduler(self) -> Any:
-        return sdshared.make_scheduler(self.scheduler_config)
+        return sdcommon.make_scheduler(self.scheduler_config)
 
     def components(self) -> dict[str, Any]:
         return {
@@ -117,8 +117,8 @@ class SD1Model(DiffusionModel):
         `cond_stage_model.transformer.text_model.*` (SD 1.x) or OpenCLIP `cond_stage_model.model.*` (SD 2.x),
         plus A1111's `v_pred`/`ztsnr` markers when the scheduler config says so."""
         modules = {"unet": self.unet, "vae": self.vae, "text_encoder": self.text_encoder}
-        state = sdshared.components_to_single_file(modules, specs_for(self.variant))
-        state.update(sdshared.marker_tensors(self.scheduler_config))
+        state = sdcommon.components_to_single_file(modules, specs_for(self.variant))
+        state.update(sdcommon.marker_tensors(self.scheduler_config))
         return state
 
     def single_file_metadata(self) -> dict[str, str]:
@@ -133,4 +133,4 @@ class SD1Model(DiffusionModel):
         """Write a diffusers folder (weights as safetensors, tokenizer files included)."""
         path = Path(path)
         mode = "inpaint" if self.is_inpainting else "txt2img"
-        return sdshared.save_pipeline(self.pipeline_class(mode)(**self.components()), path)
+        return sdcommon.save_pipeline(self.pipeline_class(mode)(**self.components()), path)

@@ -12,7 +12,7 @@ from sdcore.errors import InvalidRequest
 from sdcore.models import LoadOptions
 from sdcore.tokenizers import clip_tokenizer
 
-from . import sdshared
+from sdcore_plugins import sdcommon
 
 if TYPE_CHECKING:
     from .family import SD1Family
@@ -35,10 +35,10 @@ def tiny_configs(family: SD1Family, variant: str) -> dict[str, dict[str, Any]]:
     """The shipped real configs of `variant` with tiny widths (same block types, layers, activations)."""
     folder = family.config_folder(variant)
     sd2 = variant.startswith("sd2")
-    unet = {**sdshared.read_component_config(folder, "unet"), **(TINY_UNET_SD2 if sd2 else TINY_UNET)}
-    vae = {**sdshared.read_component_config(folder, "vae"), **TINY_VAE}
-    text = {**sdshared.read_component_config(folder, "text_encoder"), **TINY_TEXT}
-    scheduler = sdshared.read_component_config(folder, "scheduler")
+    unet = {**sdcommon.read_component_config(folder, "unet"), **(TINY_UNET_SD2 if sd2 else TINY_UNET)}
+    vae = {**sdcommon.read_component_config(folder, "vae"), **TINY_VAE}
+    text = {**sdcommon.read_component_config(folder, "text_encoder"), **TINY_TEXT}
+    scheduler = sdcommon.read_component_config(folder, "scheduler")
     return {"unet": unet, "vae": vae, "text_encoder": text, "scheduler": scheduler}
 
 
@@ -47,14 +47,14 @@ def build_tiny(family: SD1Family, variant: str, seed: int = 0, dtype: str | torc
 
     if variant not in family.variants:
         raise InvalidRequest(f"unknown sd1 variant {variant!r}; known: {', '.join(family.variants)}")
-    torch_dtype = dtype if isinstance(dtype, torch.dtype) else sdshared.torch_dtype(dtype)
+    torch_dtype = dtype if isinstance(dtype, torch.dtype) else sdcommon.torch_dtype(dtype)
     configs = tiny_configs(family, variant)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         modules = {
-            "unet": sdshared.unet_factory(configs["unet"])(),
-            "vae": sdshared.vae_factory(configs["vae"])(),
-            "text_encoder": sdshared.text_encoder_factory(configs["text_encoder"])(),
+            "unet": sdcommon.unet_factory(configs["unet"])(),
+            "vae": sdcommon.vae_factory(configs["vae"])(),
+            "text_encoder": sdcommon.text_encoder_factory(configs["text_encoder"])(),
         }
     for module in modules.values():
         torch.nn.Module.to(module, torch_dtype)  # the plain cast (diffusers' .to() warns about fp32 modules)

@@ -9,7 +9,7 @@ from sdcore.checkpoints import ModelSource
 from sdcore.errors import InvalidRequest
 from sdcore.models import LoadOptions
 
-from . import sdshared
+from sdcore_plugins import sdcommon
 
 if TYPE_CHECKING:
     import torch
@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
 CONFIG_ROOT = Path(__file__).resolve().parent / "configs"
 VARIANTS = ("sdxl-base", "sdxl-refiner", "sdxl-inpaint")
-U = sdshared.UNET_PREFIX
+U = sdcommon.UNET_PREFIX
 CLIP_L = "conditioner.embedders.0.transformer."
 CLIP_G = "conditioner.embedders.1.model."
 CLIP_G_REFINER = "conditioner.embedders.0.model."
@@ -60,10 +60,10 @@ def _reader(folder: Path | None, repo: str | None) -> Any:
     def read(component: str) -> dict[str, Any] | None:
         name = "scheduler_config.json" if component == "scheduler" else "config.json"
         if repo is not None:
-            return sdshared.hub_json(repo, f"{component}/{name}")
+            return sdcommon.hub_json(repo, f"{component}/{name}")
         assert folder is not None
         path = folder / component / name
-        return sdshared.read_json(path) if path.is_file() else None
+        return sdcommon.read_json(path) if path.is_file() else None
 
     return read
 
@@ -80,7 +80,7 @@ class SDXLFamily:
         if source.kind == "diffusers" and source.path is not None and source.model_index is not None:
             return detect_configs(source.model_index, _reader(source.path, None))
         if source.kind == "hub":
-            index = source.model_index or sdshared.hub_json(source.location, "model_index.json")
+            index = source.model_index or sdcommon.hub_json(source.location, "model_index.json")
             if index is None:
                 return None
             return detect_configs(index, _reader(None, source.location))

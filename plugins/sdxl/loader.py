@@ -10,8 +10,8 @@ from sdcore.checkpoints import ModelSource
 from sdcore.errors import CheckpointError
 from sdcore.models import LoadOptions
 
-from . import sdshared
-from .sdshared import ComponentSpec
+from sdcore_plugins import sdcommon
+from sdcore_plugins.sdcommon import ComponentSpec
 
 if TYPE_CHECKING:
     from .family import SDXLFamily
@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
 
 def specs_for(variant: str) -> list[ComponentSpec]:
-    specs = [ComponentSpec("unet", "unet", sdshared.UNET_PREFIX), ComponentSpec("vae", "vae", sdshared.VAE_PREFIX)]
+    specs = [ComponentSpec("unet", "unet", sdcommon.UNET_PREFIX), ComponentSpec("vae", "vae", sdcommon.VAE_PREFIX)]
     if variant == "sdxl-refiner":
         return specs + [ComponentSpec("text_encoder_2", "openclip", "conditioner.embedders.0.model.")]
     return specs + [
@@ -31,13 +31,13 @@ def specs_for(variant: str) -> list[ComponentSpec]:
 def single_file_configs(family: SDXLFamily, variant: str, source: ModelSource) -> dict[str, dict[str, Any]]:
     """The shipped configs of `variant`, or the family's tiny test architecture when the file has its widths."""
     names = [spec.name for spec in specs_for(variant)] + ["scheduler"]
-    shipped = sdshared.read_configs(family.config_folder(variant), names)
-    if sdshared.config_matches(shipped, specs_for(variant), source.keys):
+    shipped = sdcommon.read_configs(family.config_folder(variant), names)
+    if sdcommon.config_matches(shipped, specs_for(variant), source.keys):
         return shipped
     from .tiny import tiny_configs
 
     tiny = tiny_configs(family, variant)
-    if sdshared.config_matches(tiny, specs_for(variant), source.keys):
+    if sdcommon.config_matches(tiny, specs_for(variant), source.keys):
         return tiny
     return shipped  # the loader reports which tensors do not fit, and suggests a config folder
 
@@ -45,7 +45,7 @@ def single_file_configs(family: SDXLFamily, variant: str, source: ModelSource) -
 def load_model(family: SDXLFamily, source: ModelSource, variant: str, options: LoadOptions) -> SDXLModel:
     from .model import SDXLModel
 
-    dtype = sdshared.torch_dtype(options.dtype)
+    dtype = sdcommon.torch_dtype(options.dtype)
     specs = specs_for(variant)
     names = [spec.name for spec in specs] + ["scheduler"]
     tokenizer_folder: Path | None = None
@@ -54,27 +54,29 @@ def load_model(family: SDXLFamily, source: ModelSource, variant: str, options: L
         if explicit is not None and not (explicit / "unet").is_dir():
             raise CheckpointError(f"The config folder {explicit} has no unet/ subfolder (a diffusers config folder).")
         if explicit is not None:
-            configs = sdshared.read_configs(explicit, names)
+            configs = sdcommon.read_configs(explicit, names)
         else:
             configs = single_file_configs(family, variant, source)
-            configs["scheduler"] = sdshared.apply_prediction_markers(configs["scheduler"], source.keys)
-        modules = sdshared.load_single_file_components(source, configs, specs, dtype, options.vae)
+            configs["scheduler"] = sdcommon.apply_prediction_markers(configs["scheduler"], source.keys)
+        modules = sdcommon.load_single_file_components(source, configs, specs, dtype, options.vae)
         tokenizer_folder = explicit
         scheduler_config = configs["scheduler"]
     elif source.kind == "diffusers":
         assert source.path is not None
-        scheduler_config = sdshared.read_component_config(source.path, "scheduler")
-        modules = sdshared.load_folder_components(source.path, specs, dtype, options.vae)
+        scheduler_config = sdcommon.read_component_config(source.path, "scheduler")
+        modules = sdcommon.load_folder_components(
+            source.path, specs, dtype, options.vae, allow_pickle=options.allow_pickle
+        )
         tokenizer_folder = source.path
     else:
         repo = source.location
-        configs = {spec.name: sdshared.hub_json(repo, f"{spec.name}/config.json") or {} for spec in specs}
-        scheduler_config = sdshared.hub_json(repo, "scheduler/scheduler_config.json") or {}
-        modules = sdshared.load_hub_components(repo, specs, configs, dtype, options.vae)
-    tokenizers = {"tokenizer_2": sdshared.folder_tokenizer(tokenizer_folder, "tokenizer_2", "!")}
+        configs = {spec.name: sdcommon.hub_json(repo, f"{spec.name}/config.json") or {} for spec in specs}
+        scheduler_config = sdcommon.hub_json(repo, "scheduler/scheduler_config.json") or {}
+        modules = sdcommon.load_hub_components(repo, specs, configs, dtype, options.vae)
+    tokenizers = {"tokenizer_2": sdcommon.folder_tokenizer(tokenizer_folder, "tokenizer_2", "!")}
     if variant != "sdxl-refiner":
-        tokenizers["tokenizer"] = sdshared.folder_tokenizer(tokenizer_folder, "tokenizer", "<|endoftext|>")
-    sdshared.move(modules, options.device)
+        tokenizers["tokenizer"] = sdcommon.folder_tokenizer(tokenizer_folder, "tokenizer", "<|endoftext|>")
+    sdcommon.move(modules, options.device)
     return SDXLModel(source, options, variant, modules, tokenizers, scheduler_config)
 
 

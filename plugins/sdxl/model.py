@@ -12,7 +12,7 @@ from sdcore.checkpoints import ModelSource
 from sdcore.errors import InvalidRequest
 from sdcore.models import DiffusionModel, LoadOptions, TokenOverride
 
-from . import sdshared
+from sdcore_plugins import sdcommon
 from .loader import specs_for
 
 PIPELINE_CLASSES = {
@@ -79,7 +79,7 @@ class SDXLModel(DiffusionModel):
         skip = max(1, int(clip_skip))
         for encoder in (self.text_encoder, self.text_encoder_2):
             if encoder is not None:
-                sdshared.check_clip_skip(skip + 1, encoder)
+                sdcommon.check_clip_skip(skip + 1, encoder)
         return -(skip + 1)
 
     def encode_token_chunks(
@@ -89,14 +89,14 @@ class SDXLModel(DiffusionModel):
         chunks = list(chunks) or [[]]
         layer = self._layer(clip_skip)
         pad_g = self.tokenizer_2.pad_token_id
-        rows_g, over_g = sdshared.chunk_ids(chunks, "clip_g", 0 if pad_g is None else int(pad_g))
+        rows_g, over_g = sdcommon.chunk_ids(chunks, "clip_g", 0 if pad_g is None else int(pad_g))
         with self.lock:
-            hidden_g, pooled = sdshared.run_clip(self.text_encoder_2, rows_g, over_g, layer, False)
+            hidden_g, pooled = sdcommon.run_clip(self.text_encoder_2, rows_g, over_g, layer, False)
             if self.text_encoder is None:
                 return hidden_g, pooled
             pad_l = self.tokenizer_1.pad_token_id if self.tokenizer_1 is not None else None
-            rows_l, over_l = sdshared.chunk_ids(chunks, "clip_l", 49407 if pad_l is None else int(pad_l))
-            hidden_l, _ = sdshared.run_clip(self.text_encoder, rows_l, over_l, layer, False)
+            rows_l, over_l = sdcommon.chunk_ids(chunks, "clip_l", 49407 if pad_l is None else int(pad_l))
+            hidden_l, _ = sdcommon.run_clip(self.text_encoder, rows_l, over_l, layer, False)
         hidden_g = hidden_g.to(device=hidden_l.device, dtype=hidden_l.dtype)
         return torch.cat([hidden_l, hidden_g], dim=-1), pooled
 
@@ -125,7 +125,7 @@ class SDXLModel(DiffusionModel):
 
     # -- diffusers interop ----------------------------------------------------------------------------------
     def make_scheduler(self) -> Any:
-        return sdshared.make_scheduler(self.scheduler_config)
+        return sdcommon.make_scheduler(self.scheduler_config)
 
     def components(self) -> dict[str, Any]:
         """Arguments every SDXL pipeline accepts; `pipeline()` adds `requires_aesthetics_score` where it applies."""
@@ -157,7 +157,7 @@ class SDXLModel(DiffusionModel):
             if mode not in self._pipelines:
                 cls = self.pipeline_class(mode)
                 kwargs = {**self.components(), "requires_aesthetics_score": self.is_refiner}
-                pipe = cls(**sdshared.signature_kwargs(cls, kwargs))
+                pipe = cls(**sdcommon.signature_kwargs(cls, kwargs))
                 pipe.set_progress_bar_config(disable=True)
                 self._pipelines[mode] = pipe
             return self._pipelines[mode]
@@ -170,8 +170,8 @@ class SDXLModel(DiffusionModel):
         modules = {"unet": self.unet, "vae": self.vae, "text_encoder_2": self.text_encoder_2}
         if self.text_encoder is not None:
             modules["text_encoder"] = self.text_encoder
-        state = sdshared.components_to_single_file(modules, specs_for(self.variant))
-        state.update(sdshared.marker_tensors(self.scheduler_config))
+        state = sdcommon.components_to_single_file(modules, specs_for(self.variant))
+        state.update(sdcommon.marker_tensors(self.scheduler_config))
         return state
 
     def save_diffusers(self, path: str | Path) -> Path:
@@ -180,4 +180,4 @@ class SDXLModel(DiffusionModel):
         mode = {"sdxl-refiner": "img2img", "sdxl-inpaint": "inpaint"}.get(self.variant, "txt2img")
         cls = self.pipeline_class(mode)
         kwargs = {**self.components(), "requires_aesthetics_score": self.is_refiner}
-        return sdshared.save_pipeline(cls(**sdshared.signature_kwargs(cls, kwargs)), path)
+        return sdcommon.save_pipeline(cls(**sdcommon.signature_kwargs(cls, kwargs)), path)

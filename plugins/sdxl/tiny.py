@@ -13,7 +13,7 @@ from sdcore.errors import InvalidRequest
 from sdcore.models import LoadOptions
 from sdcore.tokenizers import clip_tokenizer
 
-from . import sdshared
+from sdcore_plugins import sdcommon
 
 if TYPE_CHECKING:
     from .family import SDXLFamily
@@ -52,13 +52,13 @@ def tiny_configs(family: SDXLFamily, variant: str) -> dict[str, dict[str, Any]]:
     folder = family.config_folder(variant)
     refiner = variant == "sdxl-refiner"
     configs = {
-        "unet": {**sdshared.read_component_config(folder, "unet"), **(TINY_REFINER_UNET if refiner else TINY_UNET)},
-        "vae": {**sdshared.read_component_config(folder, "vae"), **TINY_VAE},
-        "text_encoder_2": {**sdshared.read_component_config(folder, "text_encoder_2"), **TEXT_2},
-        "scheduler": sdshared.read_component_config(folder, "scheduler"),
+        "unet": {**sdcommon.read_component_config(folder, "unet"), **(TINY_REFINER_UNET if refiner else TINY_UNET)},
+        "vae": {**sdcommon.read_component_config(folder, "vae"), **TINY_VAE},
+        "text_encoder_2": {**sdcommon.read_component_config(folder, "text_encoder_2"), **TEXT_2},
+        "scheduler": sdcommon.read_component_config(folder, "scheduler"),
     }
     if not refiner:
-        configs["text_encoder"] = {**sdshared.read_component_config(folder, "text_encoder"), **TEXT_1}
+        configs["text_encoder"] = {**sdcommon.read_component_config(folder, "text_encoder"), **TEXT_1}
     return configs
 
 
@@ -67,17 +67,17 @@ def build_tiny(family: SDXLFamily, variant: str, seed: int = 0, dtype: str | tor
 
     if variant not in family.variants:
         raise InvalidRequest(f"unknown sdxl variant {variant!r}; known: {', '.join(family.variants)}")
-    torch_dtype = dtype if isinstance(dtype, torch.dtype) else sdshared.torch_dtype(dtype)
+    torch_dtype = dtype if isinstance(dtype, torch.dtype) else sdcommon.torch_dtype(dtype)
     configs = tiny_configs(family, variant)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         modules = {
-            "unet": sdshared.unet_factory(configs["unet"])(),
-            "vae": sdshared.vae_factory(configs["vae"])(),
+            "unet": sdcommon.unet_factory(configs["unet"])(),
+            "vae": sdcommon.vae_factory(configs["vae"])(),
         }
         if "text_encoder" in configs:
-            modules["text_encoder"] = sdshared.text_encoder_factory(configs["text_encoder"])()
-        modules["text_encoder_2"] = sdshared.text_encoder_factory(configs["text_encoder_2"], with_projection=True)()
+            modules["text_encoder"] = sdcommon.text_encoder_factory(configs["text_encoder"])()
+        modules["text_encoder_2"] = sdcommon.text_encoder_factory(configs["text_encoder_2"], with_projection=True)()
     for module in modules.values():
         torch.nn.Module.to(module, torch_dtype)  # the plain cast (diffusers' .to() warns about fp32 modules)
         module.eval().requires_grad_(False)
