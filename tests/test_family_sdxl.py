@@ -1,6 +1,5 @@
 """The sdxl family plugin on tiny models: detection, loading, round trips, text encoding, micro-conditioning."""
 
-import filecmp
 import os
 import subprocess
 import sys

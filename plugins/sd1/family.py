@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from sdcore_plugins import sdcommon
+
 from sdcore.checkpoints import ModelSource
 from sdcore.errors import InvalidRequest
 from sdcore.models import LoadOptions
-
-from sdcore_plugins import sdcommon
 
 if TYPE_CHECKING:
     import torch

@@ -6,12 +6,12 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from sdcore_plugins import sdcommon
+from sdcore_plugins.sdcommon import ComponentSpec
+
 from sdcore.checkpoints import ModelSource
 from sdcore.errors import CheckpointError
 from sdcore.models import LoadOptions
-
-from sdcore_plugins import sdcommon
-from sdcore_plugins.sdcommon import ComponentSpec
 
 if TYPE_CHECKING:
     from .family import SD1Family

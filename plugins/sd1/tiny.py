@@ -6,13 +6,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import torch
+from sdcore_plugins import sdcommon
 
 from sdcore.checkpoints import ModelSource
 from sdcore.errors import InvalidRequest
 from sdcore.models import LoadOptions
 from sdcore.tokenizers import clip_tokenizer
-
-from sdcore_plugins import sdcommon
 
 if TYPE_CHECKING:
     from .family import SD1Family

@@ -7,12 +7,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from sdcore_plugins import sdcommon
 
 from sdcore.checkpoints import ModelSource
 from sdcore.errors import InvalidRequest
 from sdcore.models import DiffusionModel, LoadOptions, TokenOverride
 
-from sdcore_plugins import sdcommon
 from .loader import specs_for
 
 PIPELINE_CLASSES = {

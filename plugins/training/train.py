@@ -67,18 +67,18 @@ SD1_SCHEDULER = {
 
 def demo_configs() -> dict[str, dict[str, Any]]:
     """The demo model: SD 1.x's building blocks and key layout with tiny widths and fewer levels (sized for a
-    2-core CPU): 64×64 images, an 8× VAE (4 levels, 8..32 channels) giving 8×8×4 latents, a 3-level UNet
-    (32/64/64 channels, cross-attention at 8×8 and 4×4, one head) and a 3-layer CLIP text encoder 64 wide with
-    CLIP's full 49408-token vocabulary, so the real tokenizer works."""
+    2-core CPU): 64×64 images, a 4× VAE (3 levels, 8/16/32 channels, one norm group so flat colours survive)
+    giving 16×16×4 latents, a 3-level UNet (24/48/64 channels, cross-attention at 8×8 and 4×4, one head) and a
+    3-layer CLIP text encoder 64 wide with CLIP's full 49408-token vocabulary, so the real tokenizer works."""
     unet = {
         "_class_name": "UNet2DConditionModel",
         "_diffusers_version": "0.42.1",
-        "sample_size": 8,
+        "sample_size": 16,
         "in_channels": 4,
         "out_channels": 4,
-        "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-        "block_out_channels": [32, 64, 64],
+        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+        "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+        "block_out_channels": [24, 48, 64],
         "layers_per_block": 1,
         "cross_attention_dim": 64,
         "attention_head_dim": 1,
@@ -97,9 +97,9 @@ def demo_configs() -> dict[str, dict[str, Any]]:
         "in_channels": 3,
         "out_channels": 3,
         "latent_channels": 4,
-        "down_block_types": ["DownEncoderBlock2D"] * 4,
-        "up_block_types": ["UpDecoderBlock2D"] * 4,
-        "block_out_channels": [8, 16, 32, 32],
+        "down_block_types": ["DownEncoderBlock2D"] * 3,
+        "up_block_types": ["UpDecoderBlock2D"] * 3,
+        "block_out_channels": [8, 16, 32],
         "layers_per_block": 1,
         "norm_num_groups": 1,
         "act_fn": "silu",
@@ -144,9 +144,11 @@ def demo_configs() -> dict[str, dict[str, Any]]:
             "scheduler": dict(SD1_SCHEDULER)}
 
 
-def write_config_folder(folder: str | Path, configs: dict[str, dict[str, Any]] | None = None) -> Path:
+def write_config_folder(folder: str | Path, configs: dict[str, dict[str, Any]] | None = None, *,
+                        tokenizer: bool = True) -> Path:
     """A diffusers config folder without weights (model_index.json + unet/vae/text_encoder/scheduler configs,
-    the tokenizer files): what the SD 1.x family needs to load a single file of a non-standard architecture."""
+    and with `tokenizer` the CLIP tokenizer files): what the SD 1.x family needs to load a single file of a
+    non-standard architecture. sdcore falls back to its shipped CLIP tokenizer when the folder has none."""
     from sdcore.tokenizers import save_clip_tokenizer
 
     configs = configs or demo_configs()
@@ -162,7 +164,8 @@ def write_config_folder(folder: str | Path, configs: dict[str, dict[str, Any]] |
     dump(folder / "vae" / "config.json", configs["vae"])
     dump(folder / "text_encoder" / "config.json", configs["text_encoder"])
     dump(folder / "scheduler" / "scheduler_config.json", configs["scheduler"])
-    save_clip_tokenizer(folder / "tokenizer")
+    if tokenizer:
+        save_clip_tokenizer(folder / "tokenizer")
     return folder
 
 
