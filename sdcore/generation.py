@@ -419,6 +419,13 @@ def generate_batch(context: GenerationContext) -> GenerationOutput:
     """The core's `run_generation`: one batch of any mode, start to finish."""
     import torch
 
+    with torch.inference_mode():
+        return _generate_batch(context)
+
+
+def _generate_batch(context: GenerationContext) -> GenerationOutput:
+    import torch
+
     from .seeds import create_noise
 
     request, model, engine = context.request, context.model, context.engine
@@ -433,8 +440,7 @@ def generate_batch(context: GenerationContext) -> GenerationOutput:
     timesteps = set_timesteps(scheduler, request.steps, strength, device)
     if not timesteps:
         raise InvalidRequest(
-            f"denoising_strength {request.denoising_strength} with {request.steps} steps runs no step; "
-            "raise one of them."
+            "denoising_strength 0 leaves the image unchanged; use a strength above 0."
         )
     factor = model.vae_scale_factor
     shape = (model.latent_channels, context.height // factor, context.width // factor)
@@ -443,32 +449,31 @@ def generate_batch(context: GenerationContext) -> GenerationOutput:
 
     init_latents = latent_mask = image_conditioning = None
     batch = len(context.seeds)
-    with torch.inference_mode():
-        if prepared is not None:
-            init_latents = vae_encode(model, imgs.pil_to_tensor(prepared.init)).float().repeat(batch, 1, 1, 1)
-            if prepared.mask is not None:
-                small = prepared.mask.resize((shape[2], shape[1]), Image.Resampling.BILINEAR)
-                latent_mask = imgs.mask_to_tensor(small).round().to(device)
-            content = MaskedContent(request.masked_content)
-            if latent_mask is not None and content is MaskedContent.latent_noise:
-                init_latents = init_latents * (1 - latent_mask) + noise * latent_mask
-            elif latent_mask is not None and content is MaskedContent.latent_nothing:
-                init_latents = init_latents * (1 - latent_mask)
-            first = torch.tensor([timesteps[0]] * batch, device=device)
-            latents = scheduler.add_noise(init_latents, noise, first)
-        else:
-            latents = noise * scheduler.init_noise_sigma
-        if model.is_inpainting:
-            image_conditioning = _inpaint_conditioning(model, prepared, context.width, context.height, shape, batch)
-            latent_mask_for_loop = None  # the model itself sees the mask
-        else:
-            latent_mask_for_loop = latent_mask
-        latents = denoise(
-            context, scheduler=scheduler, timesteps=timesteps, latents=latents, conditioning=conditioning,
-            generators=generators, noise=noise, init_latents=init_latents, latent_mask=latent_mask_for_loop,
-            image_conditioning=image_conditioning,
-        )
-        images = vae_decode(model, latents)
+    if prepared is not None:
+        init_latents = vae_encode(model, imgs.pil_to_tensor(prepared.init)).float().repeat(batch, 1, 1, 1)
+        if prepared.mask is not None:
+            small = prepared.mask.resize((shape[2], shape[1]), Image.Resampling.BILINEAR)
+            latent_mask = imgs.mask_to_tensor(small).round().to(device)
+        content = MaskedContent(request.masked_content)
+        if latent_mask is not None and content is MaskedContent.latent_noise:
+            init_latents = init_latents * (1 - latent_mask) + noise * latent_mask
+        elif latent_mask is not None and content is MaskedContent.latent_nothing:
+            init_latents = init_latents * (1 - latent_mask)
+        first = torch.tensor([timesteps[0]] * batch, device=device)
+        latents = scheduler.add_noise(init_latents, noise, first)
+    else:
+        latents = noise * scheduler.init_noise_sigma
+    if model.is_inpainting:
+        image_conditioning = _inpaint_conditioning(model, prepared, context.width, context.height, shape, batch)
+        latent_mask_for_loop = None  # the model itself sees the mask
+    else:
+        latent_mask_for_loop = latent_mask
+    latents = denoise(
+        context, scheduler=scheduler, timesteps=timesteps, latents=latents, conditioning=conditioning,
+        generators=generators, noise=noise, init_latents=init_latents, latent_mask=latent_mask_for_loop,
+        image_conditioning=image_conditioning,
+    )
+    images = vae_decode(model, latents)
     if prepared is not None and prepared.overlay_mask is not None:
         images = [_paste_back(image, prepared) for image in images]
     return GenerationOutput(images=images, latents=latents)

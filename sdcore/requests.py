@@ -102,6 +102,8 @@ class GenerationRequest(BaseModel):
             raise ValueError(f"mode {mode.value} needs an init_image")
         if mode is Mode.inpaint and self.mask is None:
             raise ValueError("mode inpaint needs a mask (white = repaint)")
+        if mode is not Mode.txt2img and self.denoising_strength == 0:
+            raise ValueError("denoising_strength 0 leaves the image unchanged; use a strength above 0")
         return self
 
     @property

@@ -34,6 +34,11 @@ def test_inpaint_needs_a_mask_and_image():
         GenerationRequest.parse({"mode": "inpaint"})
 
 
+def test_zero_strength_img2img_is_refused():
+    with pytest.raises(InvalidRequest, match="denoising_strength 0 leaves the image unchanged"):
+        GenerationRequest.parse({"init_image": "x.png", "denoising_strength": 0})
+
+
 def test_unknown_sampler_lists_known_ones():
     engine = Engine(device="cpu")
     with pytest.raises(UnknownSampler) as info:
