@@ -170,8 +170,14 @@ class DiffusionModel(ABC):
         raise NotImplementedError(f"{self.family} cannot write single-file checkpoints")
 
     def modules(self) -> dict[str, Any]:
-        """The torch modules of this model, by component name."""
-        return {k: v for k, v in self.components().items() if hasattr(v, "parameters")}
+        """The torch modules of this model, by attribute name (unet, vae, text_encoder, ...).
+
+        Read from the instance's attributes rather than `components()`, which may build objects (a scheduler)
+        on every call; plugins call this often.
+        """
+        import torch
+
+        return {k: v for k, v in vars(self).items() if isinstance(v, torch.nn.Module)}
 
     def memory_bytes(self) -> int:
         total = 0
