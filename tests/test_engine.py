@@ -246,3 +246,39 @@ def test_model_cache_budget_evicts_least_recently_used(tiny_sd1_model, tiny_sd1_
         engine.load_model(str(tiny_sd1_folder))
         assert [m.name for m in engine.models.models()] == [tiny_sd1_folder.name]
         assert engine.load_model(str(tiny_sd1_model)) is not first
+
+
+@pytest.fixture(scope="module")
+def inpaint_engine(sdcore_model_dir):
+    from sdcore.testing.models import make_tiny_model
+
+    path = make_tiny_model(sdcore_model_dir, family="sd1", variant="sd15-inpaint")
+    with Engine(device="cpu", default_model=path) as engine:
+        yield engine
+
+
+def test_nine_channel_inpainting_model(inpaint_engine):
+    model = inpaint_engine.load_model()
+    assert model.is_inpainting and model.variant == "sd15-inpaint"
+    init = make_init()
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (0, 0, 32, 64))
+    result = inpaint_engine.generate(GenerationRequest(**BASE, seed=1, init_image=init, mask=mask, mask_blur=0))
+    out, original = arr(result.images[0]), arr(init)
+    assert np.array_equal(out[:, 32:], original[:, 32:])
+    assert np.abs(out[:, :32] - original[:, :32]).mean() > 10
+    # txt2img on an inpainting model works too (everything masked, as A1111 does)
+    assert inpaint_engine.generate(GenerationRequest(**BASE, seed=1)).images[0].size == (64, 64)
+
+
+def test_outpainting_by_canvas_and_mask(engine):
+    from sdcore.images import extend_canvas
+
+    init = make_init(64).crop((0, 0, 32, 64))
+    canvas, mask = extend_canvas(init, right=32)
+    result = engine.generate(GenerationRequest(**BASE, seed=1, init_image=canvas, mask=mask, mask_blur=0,
+                                               denoising_strength=1.0))
+    out = arr(result.images[0])
+    assert result.images[0].size == (64, 64)
+    assert np.array_equal(out[:, :32], arr(init))  # the original part is untouched
+    assert out[:, 32:].std() > 1  # the new part is generated
