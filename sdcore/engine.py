@@ -309,6 +309,21 @@ class Engine:
                     found.append({"name": entry.stem if entry.is_file() else entry.name, "path": str(entry)})
         return found
 
+    def _load_options(self, config: str | None, vae: str | None) -> LoadOptions:
+        return LoadOptions(
+            config=Path(config).expanduser() if config else None,
+            vae=Path(vae).expanduser() if vae else None,
+            allow_pickle=self.allow_pickle, device=self.device, dtype=self.dtype,
+        )
+
+    def loaded_model(self, request: GenerationRequest) -> DiffusionModel | None:
+        """The model `request` would run on if it is already loaded; never loads one (for submit-time checks)."""
+        try:
+            location = self.resolve_model_location(request.model)
+        except SdcoreError:
+            return None
+        return self.models.peek(self._load_options(request.config, request.vae).cache_key(location))
+
     def load_model(
         self, name: str | None = None, *, config: str | None = None, vae: str | None = None
     ) -> DiffusionModel:
@@ -316,11 +331,7 @@ class Engine:
         from .hashing import model_hash
 
         location = self.resolve_model_location(name)
-        options = LoadOptions(
-            config=Path(config).expanduser() if config else None,
-            vae=Path(vae).expanduser() if vae else None,
-            allow_pickle=self.allow_pickle, device=self.device, dtype=self.dtype,
-        )
+        options = self._load_options(config, vae)
         key = options.cache_key(location)
         with self._load_lock:
             cached = self.models.get(key)

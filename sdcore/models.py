@@ -225,6 +225,12 @@ class ModelCache:
             self._entries.move_to_end(key)
             return entry.model
 
+    def peek(self, key: tuple[Any, ...]) -> DiffusionModel | None:
+        """The cached model without counting it as used (for plugins that only look)."""
+        with self._lock:
+            entry = self._entries.get(key)
+            return None if entry is None else entry.model
+
     def put(self, key: tuple[Any, ...], model: DiffusionModel) -> None:
         with self._lock:
             self._entries[key] = _CacheEntry(model, model.memory_bytes())

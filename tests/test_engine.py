@@ -282,3 +282,14 @@ def test_outpainting_by_canvas_and_mask(engine):
     assert result.images[0].size == (64, 64)
     assert np.array_equal(out[:, :32], arr(init))  # the original part is untouched
     assert out[:, 32:].std() > 1  # the new part is generated
+
+
+def test_loaded_model_peeks_without_loading(tiny_sd1_model, tiny_sd1_folder):
+    with Engine(device="cpu", default_model=tiny_sd1_model) as engine:
+        request = GenerationRequest(**BASE)
+        assert engine.loaded_model(request) is None
+        model = engine.load_model()
+        engine.load_model(str(tiny_sd1_folder))
+        assert engine.loaded_model(request) is model
+        # peeking does not refresh the model's place in the least-recently-used order
+        assert [m.name for m in engine.models.models()][0] == model.name
