@@ -79,7 +79,7 @@ def main() -> None:
 
 def interleaved(funcs: dict, runs: int) -> dict[str, list[float]]:
     times: dict[str, list[float]] = {name: [] for name in funcs}
-    for name, func in funcs.items():  # warm-up
+    for func in funcs.values():  # warm-up
         func()
     for _ in range(runs):
         for name, func in funcs.items():

@@ -33,6 +33,7 @@ log = logging.getLogger("sdcore")
 
 MODEL_SUFFIXES = (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin")
 _STOP = object()
+KEEP_FINISHED_JOBS = 256
 
 
 def default_device() -> str:
@@ -84,6 +85,8 @@ class Engine:
         self._queue: queue.Queue[Any] = queue.Queue()
         self._pending: list[Job] = []
         self._pending_lock = threading.Lock()
+        # recent jobs by id for `engine.job(id)`; finished ones beyond KEEP_FINISHED_JOBS are dropped so a
+        # long-running server does not keep every image it ever made
         self._jobs: dict[str, Job] = {}
         self._worker: threading.Thread | None = None
         self._closed = False
@@ -172,6 +175,7 @@ class Engine:
             self._pending.append(job)
             position = len(self._pending) - 1
             self._jobs[job.id] = job
+            self._prune_jobs()
         job.emit(lambda seq: QueuedEvent(job.id, seq, position=position))
         self._ensure_worker()
         self._queue.put(job)
@@ -183,6 +187,20 @@ class Engine:
 
     def job(self, job_id: str) -> Job | None:
         return self._jobs.get(job_id)
+
+    def forget(self, job_id: str) -> bool:
+        """Drop a finished job (and its images) from `engine.job(id)`; running or queued jobs stay."""
+        with self._pending_lock:
+            job = self._jobs.get(job_id)
+            if job is None or not job.done:
+                return False
+            del self._jobs[job_id]
+            return True
+
+    def _prune_jobs(self) -> None:
+        finished = [job_id for job_id, job in self._jobs.items() if job.done]
+        for job_id in finished[: max(0, len(finished) - KEEP_FINISHED_JOBS)]:
+            del self._jobs[job_id]
 
     def queued_jobs(self) -> list[Job]:
         with self._pending_lock:

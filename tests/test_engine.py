@@ -293,3 +293,19 @@ def test_loaded_model_peeks_without_loading(tiny_sd1_model, tiny_sd1_folder):
         assert engine.loaded_model(request) is model
         # peeking does not refresh the model's place in the least-recently-used order
         assert [m.name for m in engine.models.models()][0] == model.name
+
+
+def test_finished_jobs_can_be_forgotten_and_are_bounded(engine, monkeypatch):
+    import sdcore.engine as engine_module
+
+    job = engine.submit(GenerationRequest(**BASE, seed=1))
+    assert engine.forget(job.id) is False or job.done  # a running job is kept
+    job.result(timeout=120)
+    assert engine.job(job.id) is job and engine.forget(job.id) is True and engine.job(job.id) is None
+    monkeypatch.setattr(engine_module, "KEEP_FINISHED_JOBS", 1)
+    first = engine.submit(GenerationRequest(**BASE, seed=2))
+    first.result(timeout=120)
+    second = engine.submit(GenerationRequest(**BASE, seed=3))
+    second.result(timeout=120)
+    engine.submit(GenerationRequest(**BASE, seed=4)).result(timeout=120)
+    assert engine.job(first.id) is None and engine.job(second.id) is second

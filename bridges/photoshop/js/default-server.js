@@ -1,0 +1,2 @@
+"use strict";
+module.exports = "ws://127.0.0.1:7862";
