@@ -46,6 +46,16 @@ def default_device() -> str:
     return "cpu"
 
 
+def native_size(model: DiffusionModel) -> tuple[int, int]:
+    """The size a model was trained at: its UNet's sample size times the VAE factor (512 for SD 1.5, 768 for
+    SD 2.x 768-v, 1024 for SDXL, 64 for the demo model); the family's default when the config has none."""
+    sample = getattr(model.unet.config, "sample_size", None)
+    if isinstance(sample, int) and sample > 0:
+        side = sample * model.vae_scale_factor
+        return side, side
+    return model.default_size
+
+
 class Engine:
     """Loads models, queues jobs and runs them, calling plugins' hooks along the way.
 
@@ -260,7 +270,7 @@ class Engine:
         request = job.request
         model = self.load_model(request.model, config=request.config, vae=request.vae)
         job.raise_if_cancelled()
-        default_w, default_h = model.default_size
+        default_w, default_h = native_size(model)
         seed = resolve_seed(request.seed)
         subseed = resolve_seed(request.subseed) if request.subseed_strength > 0 else None
         resolved = request.model_copy(update={
@@ -340,16 +350,20 @@ class Engine:
             location = self.resolve_model_location(request.model)
         except SdcoreError:
             return None
-        return self.models.peek(self._load_options(request.config, request.vae).cache_key(location))
+        from .demo import demo_config_for
+
+        options = self._load_options(request.config or demo_config_for(location), request.vae)
+        return self.models.peek(options.cache_key(location))
 
     def load_model(
         self, name: str | None = None, *, config: str | None = None, vae: str | None = None
     ) -> DiffusionModel:
         """Load (or take from the cache) the model `name` with an optional config folder and VAE."""
+        from .demo import demo_config_for
         from .hashing import model_hash
 
         location = self.resolve_model_location(name)
-        options = self._load_options(config, vae)
+        options = self._load_options(config or demo_config_for(location), vae)
         key = options.cache_key(location)
         with self._load_lock:
             cached = self.models.get(key)

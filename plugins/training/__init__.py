@@ -33,12 +33,12 @@ def _work_dir(work_dir: str | None, out: str) -> Path:
     return out_path.with_name(out_path.stem + "-training")
 
 
-@click.group()
-def train() -> None:
+@click.group(name="train")
+def train_group() -> None:
     """Train LoRAs and small models."""
 
 
-@train.command("lora")
+@train_group.command("lora")
 @click.option("--model", help="Base model (file, diffusers folder, name). Default: the demo model.")
 @click.option("--config", help="Diffusers config folder for a non-standard architecture.")
 @click.option("--data", required=True, type=click.Path(exists=True, file_okay=False),
@@ -70,14 +70,14 @@ def train_lora(**kwargs: Any) -> None:
     click.echo(str(out))
 
 
-@train.command("full")
+@train_group.command("full")
 @click.option("--data", required=True, type=click.Path(exists=True, file_okay=False),
               help="Folder of images with same-named .txt captions.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output single-file .safetensors.")
 @click.option("--config", help="Architecture (diffusers config folder) to train from scratch.")
 @click.option("--model", help="Checkpoint to continue training from (instead of --config).")
 @click.option("--demo-architecture", is_flag=True, help="Train the demo model's architecture from scratch.")
-@click.option("--vae-steps", type=int, default=None, help="Autoencoder steps first. Default: 2000 from scratch, "
+@click.option("--vae-steps", type=int, default=None, help="Autoencoder steps first. Default: 300 from scratch, "
               "0 from a checkpoint.")
 @click.option("--vae-batch-size", type=int, default=32, show_default=True)
 @click.option("--steps", type=int, default=4000, show_default=True, help="UNet + text encoder steps.")
@@ -167,5 +167,5 @@ def demo_evaluate(threads: int | None, **kwargs: Any) -> None:
 
 @hookimpl
 def register_commands(cli: click.Group) -> None:
-    cli.add_command(train)
+    cli.add_command(train_group)
     cli.add_command(demo)

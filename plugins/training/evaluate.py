@@ -7,9 +7,10 @@ For one image (`analyze`):
 - foreground: the pixels far from the background colour of their half, largest connected blob only;
 - colour: the median colour of the blob's inner pixels, named by the nearest palette colour;
 - position: the cell of the 3×3 grid that holds the blob's centroid;
-- size: the blob's bounding box compared with the three sizes;
-- shape: the blob's mask, cropped to its bounding box and resized to 24×24, compared (IoU) with the four ideal
-  shapes drawn the same way; the best match wins.
+- shape (analysis by synthesis): the blob's coverage map (each pixel's position between the background colour
+  and the measured colour) is compared with each of the four shapes drawn with the same area and centroid, both
+  averaged over 4×4 blocks (the VAE's resolution, so blur and blockiness do not decide); the closest wins;
+- size: the radius that gives the winning shape the blob's area, against the three sizes.
 
 `evaluate` generates a grid of prompts × seeds through the real `sdcore.Engine`, optionally with a LoRA merged
 into the model, and returns the accuracy per attribute; `run_evaluate_command` is `sdcore demo evaluate`.
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import random
 import time
 from collections.abc import Sequence
@@ -32,7 +34,6 @@ from PIL import Image, ImageDraw
 
 from .data import (
     BACKGROUNDS,
-    CELL_CENTRES,
     COLOURS,
     EXTRA_BACKGROUNDS,
     POSITION_NAMES,
@@ -41,13 +42,12 @@ from .data import (
     SIZES,
     Scene,
     caption,
-    render,
+    shape_polygon,
 )
 
-TEMPLATE = 24
+POOL = 4  # the VAE's downsampling: shapes are compared at that resolution
 FOREGROUND_DISTANCE = 80.0  # RGB distance from the background that makes a pixel foreground
 MIN_BLOB = 6  # pixels; fewer means "no shape drawn"
-EXTENT_PER_RADIUS = {"circle": 2.0, "square": 1.7, "triangle": 2.0, "star": 2.19}  # see data.shape_polygon
 ATTRIBUTES = ("colour", "shape", "position", "size", "background")
 
 
@@ -76,29 +76,6 @@ def _background_table(include_extra: bool = True) -> dict[str, tuple[int, int, i
     return {**BACKGROUNDS, **(EXTRA_BACKGROUNDS if include_extra else {})}
 
 
-def _mask_template(mask: np.ndarray) -> np.ndarray | None:
-    ys, xs = np.nonzero(mask)
-    if len(xs) == 0:
-        return None
-    crop = mask[ys.min(): ys.max() + 1, xs.min(): xs.max() + 1].astype(np.uint8) * 255
-    resized = Image.fromarray(crop).resize((TEMPLATE, TEMPLATE), Image.Resampling.BILINEAR)
-    return np.asarray(resized) >= 128
-
-
-@functools.lru_cache(maxsize=1)
-def shape_templates() -> dict[str, np.ndarray]:
-    """The ideal masks of the four shapes (large, centred, no jitter), cropped and resized like a blob."""
-    templates = {}
-    for shape in SHAPES:
-        image = render(Scene(shape=shape, colour="red", size="large", cell=(1, 1), background="white"), size=SIZE * 4)
-        array = np.asarray(image).astype(np.float32)
-        mask = np.abs(array - np.array(BACKGROUNDS["white"], dtype=np.float32)).sum(axis=2) > 120
-        template = _mask_template(mask)
-        assert template is not None
-        templates[shape] = template
-    return templates
-
-
 def _largest_blob(mask: np.ndarray) -> np.ndarray:
     from scipy import ndimage
 
@@ -107,6 +84,61 @@ def _largest_blob(mask: np.ndarray) -> np.ndarray:
         return mask
     sizes = ndimage.sum(mask, labels, index=range(1, count + 1))
     return labels == (int(np.argmax(sizes)) + 1)
+
+
+@functools.cache
+def _shape_geometry(shape: str) -> tuple[float, float, float]:
+    """(area / r², centroid x offset / r, centroid y offset / r) of a shape drawn by `data.shape_polygon`."""
+    r, c = 100.0, 200.0
+    cov = coverage_map(shape, c, c, r, size=400, supersample=1)
+    total = float(cov.sum())
+    ys, xs = np.mgrid[0:400, 0:400]
+    return total / r**2, (float((cov * (xs + 0.5)).sum()) / total - c) / r, (float((cov * (ys + 0.5)).sum()) / total - c) / r
+
+
+def coverage_map(shape: str, cx: float, cy: float, r: float, size: int = SIZE, supersample: int = 4) -> np.ndarray:
+    """How much of each pixel `shape` (centre cx, cy, "radius" r, in pixels) covers: floats in [0, 1]."""
+    k = supersample
+    canvas = Image.new("L", (size * k, size * k), 0)
+    draw = ImageDraw.Draw(canvas)
+    polygon = shape_polygon(shape, cx * k, cy * k, r * k)
+    if polygon is None:
+        draw.ellipse([(cx - r) * k, (cy - r) * k, (cx + r) * k, (cy + r) * k], fill=255)
+    else:
+        draw.polygon(polygon, fill=255)
+    if k != 1:
+        canvas = canvas.resize((size, size), Image.Resampling.BOX)
+    return np.asarray(canvas).astype(np.float32) / 255.0
+
+
+def _pool(a: np.ndarray, k: int = POOL) -> np.ndarray:
+    h, w = a.shape
+    return a[: h - h % k, : w - w % k].reshape(h // k, k, w // k, k).mean(axis=(1, 3))
+
+
+def classify_shape(array: np.ndarray, background: np.ndarray, colour: np.ndarray,
+                   region: np.ndarray) -> tuple[str | None, dict[str, float], float | None]:
+    """Analysis by synthesis: the foreground's coverage (projection of each pixel on the background→colour axis,
+    inside `region`) against each shape drawn with the same area and centroid, both averaged over 4×4 blocks (the
+    VAE's resolution), so blur does not decide. Scores are 1 - normalised L1 distance; the best wins."""
+    axis = colour[None, None, :] - background
+    norm = (axis**2).sum(axis=2)
+    cov = ((array - background) * axis).sum(axis=2) / np.maximum(norm, 1.0)
+    cov = np.clip(cov, 0.0, 1.0) * region
+    area = float(cov.sum())
+    if area < MIN_BLOB:
+        return None, {}, None
+    ys, xs = np.mgrid[0: cov.shape[0], 0: cov.shape[1]]
+    cx, cy = float((cov * (xs + 0.5)).sum()) / area, float((cov * (ys + 0.5)).sum()) / area
+    observed = _pool(cov)
+    scores, radii = {}, {}
+    for shape in SHAPES:
+        per_r2, ox, oy = _shape_geometry(shape)
+        r = radii[shape] = math.sqrt(area / per_r2)
+        ideal = coverage_map(shape, cx - ox * r, cy - oy * r, r, size=cov.shape[0])
+        scores[shape] = 1.0 - float(np.abs(_pool(ideal) - observed).sum() * POOL * POOL) / (2 * area)
+    best = max(scores, key=lambda k: scores[k])
+    return best, scores, radii[best]
 
 
 def analyze(image: Image.Image) -> Analysis:
@@ -138,20 +170,14 @@ def analyze(image: Image.Image) -> Analysis:
     # colour: the inner pixels (away from anti-aliased edges) when there are enough
     from scipy import ndimage
 
-    inner = ndimage.binary_erosion(mask)
-    pixels = array[inner] if inner.sum() >= 4 else array[mask]
+    # colour: the most covered pixels (the quarter farthest from the background; edges are blends)
+    far = distance[mask]
+    pixels = array[mask][far >= np.quantile(far, 0.75)]
     colour = _nearest(np.median(pixels, axis=0), COLOURS)
-    template = _mask_template(mask)
-    scores = {}
-    if template is not None:
-        for name, ideal in shape_templates().items():
-            union = np.logical_or(template, ideal).sum()
-            scores[name] = float(np.logical_and(template, ideal).sum() / union) if union else 0.0
-    shape = max(scores, key=lambda k: scores[k]) if scores else None
-    # size: the bounding box's larger side against each size's ideal extent for the measured shape
-    extent = max(xs.max() - xs.min() + 1, ys.max() - ys.min() + 1)
-    factor = EXTENT_PER_RADIUS.get(shape or "circle", 2.0)
-    size = min(SIZES, key=lambda name: abs(extent - factor * SIZES[name]))
+    region = ndimage.binary_dilation(mask, iterations=2)
+    shape, scores, radius = classify_shape(array, expected, np.array(COLOURS[colour], dtype=np.float32), region)
+    # size: the "radius" that gives the measured shape the foreground's area
+    size = min(SIZES, key=lambda name: abs(radius - SIZES[name])) if radius else None
     return Analysis(colour=colour, shape=shape, position=POSITION_NAMES[cell], size=size, background=background,
                     area=area, centroid=(cx, cy), shape_scores=scores)
 
@@ -212,7 +238,11 @@ def evaluate(engine: Any, scenes: Sequence[Scene], seeds: int = 2, *, model: str
 
     started = time.time()
     base = engine.load_model(model, config=config)
-    context = applied_lora(base.unet, base.text_encoder, lora, lora_weight) if lora else nullcontext(0)
+    # through sdcore's own LoRA plugin (the `lora` request option) when it is installed, else merged here
+    via_option = bool(lora) and engine.request_options.get("lora") is not None
+    options = {"lora": {"loras": [{"name": str(lora), "weight": lora_weight}]}} if via_option else {}
+    context = applied_lora(base.unet, base.text_encoder, lora, lora_weight) if lora and not via_option \
+        else nullcontext(0)
     records, images = [], []
     totals = dict.fromkeys(ATTRIBUTES, 0)
     totals["all"] = 0
@@ -222,6 +252,7 @@ def evaluate(engine: Any, scenes: Sequence[Scene], seeds: int = 2, *, model: str
             result = engine.generate({
                 "prompt": prompt, "model": model, "config": config, "seed": 1000 + index * 10, "batch_size": seeds,
                 "steps": steps, "cfg_scale": cfg, "sampler": sampler, "width": SIZE, "height": SIZE,
+                "options": options,
             })
             for seed, image in zip(result.seeds, result.images, strict=True):
                 analysis = analyze(image)
@@ -267,6 +298,17 @@ def format_table(results: Sequence[EvalResult]) -> str:
     return "\n".join(lines)
 
 
+def with_demo_config(model: str | None, config: str | None) -> tuple[str | None, str | None]:
+    """No model means the demo model, with its shipped config folder (also where the engine does not add it)."""
+    from sdcore.demo import demo_config_for, demo_model_path
+
+    if model is None and demo_model_path() is not None:
+        model = str(demo_model_path())
+    if config is None and model is not None:
+        config = demo_config_for(model)
+    return model, config
+
+
 def run_evaluate_command(*, model: str | None, config: str | None, lora_path: str | None, no_lora: bool,
                          prompt_count: int, seeds: int, steps: int, cfg: float, sampler: str, out_dir: str,
                          as_json: bool) -> list[EvalResult]:
@@ -278,6 +320,7 @@ def run_evaluate_command(*, model: str | None, config: str | None, lora_path: st
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     lora = None if no_lora else (lora_path or (demo_lora_path() if model is None else None))
+    model, config = with_demo_config(model, config)
     results = []
     with Engine(device="cpu") as engine:
         scenes = evaluation_scenes(prompt_count)
@@ -303,5 +346,5 @@ def run_evaluate_command(*, model: str | None, config: str | None, lora_path: st
     return results
 
 
-__all__ = ["Analysis", "EvalResult", "analyze", "annotated_grid", "evaluate", "evaluation_scenes", "format_table",
-           "score", "shape_templates", "CELL_CENTRES"]
+__all__ = ["Analysis", "EvalResult", "analyze", "annotated_grid", "classify_shape", "coverage_map", "evaluate",
+           "evaluation_scenes", "format_table", "score"]

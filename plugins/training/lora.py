@@ -252,8 +252,11 @@ class LoraTrainer:
         self.ids, self.caption_index = tokenize_captions(components.tokenizer, data.captions)
         self.uncond = components.tokenizer([""], padding="max_length", max_length=77,
                                            return_tensors="pt").input_ids[0]
-        self.network = LoRANetwork(components.unet, components.text_encoder if settings.train_text_encoder else None,
-                                   settings.rank, settings.alpha)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(settings.seed)  # the same LoRA initialisation for a given seed
+            self.network = LoRANetwork(components.unet,
+                                       components.text_encoder if settings.train_text_encoder else None,
+                                       settings.rank, settings.alpha)
         self.network.to(components.unet.device, torch.float32)
         self.network.apply_to()
         unet_params = [p for n, p in self.network.named_parameters() if n.startswith(f"loras.{UNET_PREFIX}")]
@@ -383,6 +386,7 @@ class LoraTrainer:
         if not self.s.train_text_encoder:
             meta["ss_network_train_unet_only"] = "True"
         save_file(self.network.state_dict_kohya(), str(out), metadata=meta)
+        out.chmod(0o644)
         return out
 
     def close(self) -> None:

@@ -24,6 +24,9 @@ def _engine(device: str = "cpu") -> Any:
 
 def load_base_model(model: str | None, config: str | None, device: str = "cpu") -> Any:
     """A model through the engine, exactly as generation would load it (families, shipped configs)."""
+    from .evaluate import with_demo_config
+
+    model, config = with_demo_config(model, config)
     engine = _engine(device)
     try:
         return engine.load_model(model, config=config)
@@ -112,6 +115,7 @@ def save_single_file(components: Any, out: str | Path, *, dtype: torch.dtype = t
              for k, v in state.items()}
     meta.update(metadata or {})
     save_file(state, str(out), metadata=meta)
+    out.chmod(0o644)
     return out
 
 
@@ -146,7 +150,7 @@ def run_train_full(*, data: str, out: str, config: str | None, model: str | None
     else:
         configs = demo_configs() if demo_architecture else read_config_folder(config)  # type: ignore[arg-type]
         components = build_components(configs, seed=seed)
-        vae_steps = 2000 if vae_steps is None else vae_steps
+        vae_steps = 300 if vae_steps is None else vae_steps
     size = native_resolution(components)
     dataset = ImageFolder.load(data, size, progress=not quiet)
     state = load_checkpoint(resume) if resume else None
@@ -195,14 +199,14 @@ def run_train_full(*, data: str, out: str, config: str | None, model: str | None
 
 DEMO_RECIPE: dict[str, Any] = {
     "count": 30000,  # images of shapes
-    "vae_steps": 1500,
-    "vae_batch_size": 32,
-    "steps": 4500,
+    "vae_steps": 100,
+    "vae_batch_size": 16,
+    "steps": 3200,
     "batch_size": 64,
     "lr": 1e-3,
     "warmup": 200,
     "lora_count": 1500,  # night-sky images for the LoRA
-    "lora_steps": 300,
+    "lora_steps": 400,
     "lora_rank": 4,
     "lora_alpha": 4.0,
     "lora_batch_size": 16,
@@ -233,7 +237,7 @@ def run_demo_train(*, work_dir: str, out: str | None, count: int | None, vae_ste
         data=str(shapes), out=str(model_file), config=None, model=None, demo_architecture=True,
         vae_steps=recipe["vae_steps"], vae_batch_size=recipe["vae_batch_size"], steps=recipe["steps"],
         batch_size=recipe["batch_size"], lr=recipe["lr"], warmup=recipe["warmup"], ema_decay=0.999,
-        caption_dropout=0.1, unet_only=False, sample_every=500, sample_prompts=(), checkpoint_every=250,
+        caption_dropout=0.1, unet_only=False, sample_every=400, sample_prompts=(), checkpoint_every=200,
         resume=str(checkpoint) if resume and checkpoint.is_file() else None, work_dir=str(work / "model"),
         save_config=str(config_dir), seed=recipe["seed"], quiet=quiet,
     )

@@ -17,12 +17,11 @@ the SD 1.x family's writer, so it loads like any community checkpoint.
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +33,6 @@ from .common import (
     ImageFolder,
     alphas_cumprod,
     image_grid,
-    load_checkpoint,
     lr_factor,
     min_snr_weights,
     plot_loss,
@@ -239,14 +237,132 @@ def colour_augment(x: torch.Tensor, generator: torch.Generator, p: float = 0.5) 
     return apply * mapped + (1 - apply) * x
 
 
+@torch.no_grad()
+def init_vae_as_pooling(vae: Any, const: float = 50.0, offset: float = 10.0, logvar: float = -6.0) -> None:
+    """Start an `AutoencoderKL` as (very nearly) exact block-average pooling and nearest-neighbour upsampling.
+
+    A tiny VAE trained from random weights learns brightness and outlines quickly but colour (chroma) very
+    slowly: in these images colour is a small part of the pixels, and the GroupNorm layers on the main path
+    (`conv_norm_out` of encoder and decoder) remove each image's absolute level. So the autoencoder starts as a
+    known map instead: every residual branch and the mid-block attention output are zeroed (the blocks become
+    identities), the convolutions on the main path copy channels (down-sampling convs average 2×2 blocks), latent
+    channels 0-2 hold the block's mean RGB and channel 3 is free for detail. The GroupNorms see the channels
+    (rgb, -rgb, a constant): their per-image mean and variance are then constants, so their affine parameters
+    can undo them. Training then only has to add detail.
+    """
+    import math
+
+    latent = int(vae.config.latent_channels)
+    for name, module in vae.named_modules():
+        if (name.endswith("conv2") and ".resnets." in name) or name.endswith("to_out.0"):
+            module.weight.zero_()
+            if module.bias is not None:
+                module.bias.zero_()
+
+    def copy_conv(conv: Any, pairs: Sequence[tuple[int, int, float]]) -> None:
+        conv.weight.zero_()
+        if conv.bias is not None:
+            conv.bias.zero_()
+        k = conv.weight.shape[-1] // 2
+        for out_c, in_c, value in pairs:
+            conv.weight[out_c, in_c, k, k] = value
+
+    def identity(conv: Any) -> None:
+        n = min(conv.weight.shape[0], conv.weight.shape[1])
+        copy_conv(conv, [(c, c, 1.0) for c in range(n)])
+
+    def undo_norm(norm: Any) -> None:
+        # the channels are rgb, -rgb, const and zeros: mean const/C and variance const²/C - (const/C)², always
+        channels = norm.num_channels
+        mean = const / channels
+        std = math.sqrt(const**2 / channels - mean**2 + norm.eps)
+        norm.weight.fill_(std)
+        norm.bias.fill_(mean + offset)  # SiLU(x + offset) ≈ x + offset for |x| ≤ 1
+
+    rgb_in = [(0, 0, 1.0), (1, 1, 1.0), (2, 2, 1.0), (3, 0, -1.0), (4, 1, -1.0), (5, 2, -1.0)]
+    enc, dec = vae.encoder, vae.decoder
+    copy_conv(enc.conv_in, rgb_in)
+    enc.conv_in.bias[6] = const
+    for block in enc.down_blocks:
+        for resnet in block.resnets:
+            if resnet.conv_shortcut is not None:
+                identity(resnet.conv_shortcut)
+        for down in block.downsamplers or []:
+            down.conv.weight.zero_()
+            down.conv.bias.zero_()
+            for c in range(down.conv.weight.shape[0]):
+                down.conv.weight[c, c, 0:2, 0:2] = 0.25  # the input is padded (0, 1, 0, 1): a 2×2 block mean
+    undo_norm(enc.conv_norm_out)
+    copy_conv(enc.conv_out, [(0, 0, 1.0), (1, 1, 1.0), (2, 2, 1.0)])
+    enc.conv_out.bias[:3] = -offset
+    enc.conv_out.bias[latent:] = 0.0
+    if vae.quant_conv is not None:
+        identity(vae.quant_conv)
+        vae.quant_conv.bias[latent:] = logvar
+    if vae.post_quant_conv is not None:
+        identity(vae.post_quant_conv)
+    copy_conv(dec.conv_in, rgb_in)
+    dec.conv_in.bias[6] = const
+    for block in dec.up_blocks:
+        for resnet in block.resnets:
+            if resnet.conv_shortcut is not None:
+                identity(resnet.conv_shortcut)
+        for up in block.upsamplers or []:
+            identity(up.conv)
+    undo_norm(dec.conv_norm_out)
+    copy_conv(dec.conv_out, [(0, 0, 1.0), (1, 1, 1.0), (2, 2, 1.0)])
+    dec.conv_out.bias[:] = -offset
+
+
+def pooling_parameter_groups(vae: Any, lr: float) -> list[dict[str, Any]]:
+    """After `init_vae_as_pooling`: optimizer groups that train without breaking the pooling path.
+
+    The main path (conv_in, shortcuts, down/up-sampling convs, the output norms, the decoder's conv_out) stays
+    frozen; the residual branches and attentions learn detail on top of it. The encoder's conv_out reads
+    activations near `offset` (10), so a normal step there would move the latents a lot: only its row for the free
+    latent channel (3) trains, at 1/100 of the learning rate."""
+    frozen_suffixes = ("conv_shortcut.weight", "conv_shortcut.bias", "downsamplers.0.conv.weight",
+                       "downsamplers.0.conv.bias", "upsamplers.0.conv.weight", "upsamplers.0.conv.bias")
+    frozen_names = {"encoder.conv_in.weight", "encoder.conv_in.bias", "encoder.conv_norm_out.weight",
+                    "encoder.conv_norm_out.bias", "decoder.conv_norm_out.weight", "decoder.conv_norm_out.bias",
+                    "decoder.conv_out.weight", "decoder.conv_out.bias", "quant_conv.weight", "quant_conv.bias",
+                    "post_quant_conv.weight", "post_quant_conv.bias"}
+    slow_names = {"encoder.conv_out.weight", "encoder.conv_out.bias"}
+    normal, slow = [], []
+    for name, param in vae.named_parameters():
+        if name in frozen_names or name.endswith(frozen_suffixes):
+            param.requires_grad_(False)
+            continue
+        param.requires_grad_(True)
+        (slow if name in slow_names else normal).append(param)
+    free = 3
+
+    def only_free_row(grad: torch.Tensor) -> torch.Tensor:
+        mask = torch.zeros_like(grad)
+        mask[free] = 1
+        return grad * mask
+
+    def not_constant(grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        grad[6] = 0  # output channel 6 carries the constant
+        return grad
+
+    vae.encoder.conv_out.weight.register_hook(only_free_row)
+    vae.encoder.conv_out.bias.register_hook(only_free_row)
+    vae.decoder.conv_in.weight.register_hook(not_constant)
+    vae.decoder.conv_in.bias.register_hook(not_constant)
+    return [{"params": normal, "lr": lr, "base_lr": lr}, {"params": slow, "lr": lr / 100, "base_lr": lr / 100}]
+
+
 @dataclass
 class VaeSettings:
-    steps: int = 2000
-    batch_size: int = 32
-    crop: int | None = 32  # train on random crops (aligned to the latent grid): the VAE is convolutional
-    lr: float = 2e-3
+    steps: int = 300
+    batch_size: int = 16
+    crop: int | None = None  # train on random crops (aligned to the latent grid): the VAE is convolutional
+    lr: float = 3e-4
     warmup: int = 100
     kl_weight: float = 1e-6
+    pooling_init: bool = True  # start from exact block pooling / upsampling (see init_vae_as_pooling)
     initial_logvar: float = -6.0  # start with nearly deterministic latents, so details are learned from the start
     colour_augment: float = 0.3
     seed: int = 0
@@ -270,18 +386,24 @@ def train_vae(vae: Any, data: ImageFolder, settings: VaeSettings, *, work_dir: P
 
     vae.train().requires_grad_(True)
     latent = int(vae.config.latent_channels)
-    if settings.initial_logvar and vae.quant_conv is not None:
-        with torch.no_grad():
-            vae.quant_conv.bias[latent:] += settings.initial_logvar
+    if settings.pooling_init:
+        init_vae_as_pooling(vae, logvar=settings.initial_logvar)
+        groups = pooling_parameter_groups(vae, settings.lr)
+    else:
+        if settings.initial_logvar and vae.quant_conv is not None:
+            with torch.no_grad():
+                vae.quant_conv.bias[latent:] += settings.initial_logvar
+        groups = [{"params": [p for p in vae.parameters() if p.requires_grad], "lr": settings.lr,
+                   "base_lr": settings.lr}]
+    params = [p for group in groups for p in group["params"]]
     grid = 2 ** (len(vae.config.block_out_channels) - 1)
-    params = [p for p in vae.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=settings.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.99), weight_decay=0.0)
     losses: list[float] = []
     n = len(data)
     bar = tqdm(range(settings.steps), desc="VAE", unit="step", disable=not progress, dynamic_ncols=True)
     for step in bar:
         for group in optimizer.param_groups:
-            group["lr"] = settings.lr * lr_factor(step, settings.steps, settings.warmup)
+            group["lr"] = group["base_lr"] * lr_factor(step, settings.steps, settings.warmup)
         g = step_generator(settings.seed, step, stream=1)
         idx = torch.randint(0, n, (settings.batch_size,), generator=g)
         x = data.images[idx]
@@ -360,6 +482,7 @@ class DiffusionSettings:
     caption_dropout: float = 0.1
     min_snr_gamma: float = 5.0
     noise_offset: float = 0.05
+    pyramid_noise: float = 0.0  # > 0: multi-resolution noise with this discount per halving (see pyramid_noise)
     train_text_encoder: bool = True
     grad_clip: float = 1.0
     sample_every: int = 500
@@ -368,6 +491,23 @@ class DiffusionSettings:
     sample_cfg: float = 5.0
     checkpoint_every: int = 500
     seed: int = 0
+
+
+def pyramid_noise(noise: torch.Tensor, generator: torch.Generator, discount: float) -> torch.Tensor:
+    """Add noise at every coarser resolution (halving down to 1×1, weight discount**level), then rescale to unit
+    variance. SD's betas leave about 7% of the image in the latents at t = 999, which is enough for a small model to
+    read the layout and the background from the noise instead of from the caption; extra low-frequency noise
+    hides that leak during training, so layout and background follow the text (a training-only change: sampling
+    is unchanged, as with offset noise)."""
+    b, c, h, w = noise.shape
+    out = noise.clone()
+    level, size = 1, min(h, w)
+    while size > 1:
+        size = max(1, size // 2)
+        low = torch.randn((b, c, size, size), generator=generator)
+        out = out + discount**level * F.interpolate(low, size=(h, w), mode="bilinear", align_corners=False)
+        level += 1
+    return out / out.std()
 
 
 def tokenize_captions(tokenizer: Any, captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -403,6 +543,7 @@ class DiffusionTrainer:
         self.data = data
         self.s = settings
         self.work_dir = Path(work_dir)
+        self.work_dir.mkdir(parents=True, exist_ok=True)
         self.progress = progress
         self.prediction_type = components.scheduler_config.get("prediction_type", "epsilon")
         self.acp = alphas_cumprod(components.scheduler_config)
@@ -460,7 +601,9 @@ class DiffusionTrainer:
         idx = torch.randint(0, len(self.data), (s.batch_size,), generator=g)
         z = (self.means[idx] + self.stds[idx] * torch.randn(self.means[idx].shape, generator=g)) * self.scale
         noise = torch.randn(z.shape, generator=g)
-        if s.noise_offset:
+        if s.pyramid_noise > 0:
+            noise = pyramid_noise(noise, g, s.pyramid_noise)
+        elif s.noise_offset:
             noise = noise + s.noise_offset * torch.randn((z.shape[0], z.shape[1], 1, 1), generator=g)
         t = torch.randint(0, len(self.acp), (s.batch_size,), generator=g)
         ids = self.ids[self.caption_index[idx]].clone()
