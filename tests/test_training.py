@@ -192,6 +192,11 @@ def test_lora_merge_equals_live_network_and_restores(tmp_path, tiny, dataset_dir
 
     live = predict()
     trainer.close()
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for module in (tiny.unet, tiny.text_encoder):  # the peft layers are gone, not only switched off
+        assert not any(isinstance(m, BaseTunerLayer) for m in module.modules())
+        assert not hasattr(module, "peft_config")
     plain = predict()
     original = {k: v.clone() for k, v in tiny.unet.state_dict().items()}
     with applied_lora(tiny.unet, tiny.text_encoder, out) as patched:
@@ -239,6 +244,22 @@ def test_cli_train_lora_on_an_engine_model(tmp_path, dataset_dir):
     assert out.is_file() and any(k.startswith("lora_te_") for k in load_file(str(out)))
     assert (tmp_path / "cli-training" / "loss.png").is_file()
     assert load_checkpoint(tmp_path / "cli-training" / "checkpoint.pt")["step"] == 2
+
+
+def test_train_lora_without_peft_says_what_to_install(tmp_path, dataset_dir, monkeypatch):
+    import importlib.util
+
+    from click.testing import CliRunner
+    from sdcore_plugins.training import train_group
+
+    real_find_spec = importlib.util.find_spec
+    # peft cannot be uninstalled for one test: hide it from the check the command makes first
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "peft" else real_find_spec(name, *a))
+    result = CliRunner().invoke(train_group, ["lora", "--data", str(dataset_dir), "--out", str(tmp_path / "x.safetensors"),
+                                              "--quiet"])
+    assert result.exit_code == 1
+    assert "`sdcore train lora` needs peft: pip install 'sdcore[train]'" in result.output
+    assert not (tmp_path / "x.safetensors").exists()
 
 
 def test_loss_curve_png(tmp_path):

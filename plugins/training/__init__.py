@@ -60,6 +60,8 @@ def train_group() -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--threads", type=int, default=None, help="torch CPU threads.")
 @click.option("--device", default="cpu", show_default=True)
+@click.option("--mixed-precision", type=click.Choice(["no", "fp16", "bf16"]), default="no", show_default=True,
+              help="accelerate's mixed precision (on a GPU).")
 @click.option("--quiet", is_flag=True)
 def train_lora(**kwargs: Any) -> None:
     """Train a LoRA on DATA and save it in kohya's layout (loads in A1111, ComfyUI, diffusers, sdcore)."""
@@ -87,6 +89,12 @@ def train_lora(**kwargs: Any) -> None:
 @click.option("--ema-decay", type=float, default=0.999, show_default=True)
 @click.option("--caption-dropout", type=float, default=0.1, show_default=True)
 @click.option("--unet-only", is_flag=True, help="Keep the text encoder frozen.")
+@click.option("--pyramid-noise", type=float, default=0.0, show_default=True,
+              help="Multi-resolution training noise with this discount (0: plain noise + offset 0.05).")
+@click.option("--high-noise-weight", type=float, default=0.0, show_default=True,
+              help="Cap of the extra loss weight (1/SNR) of high-noise steps (0: off).")
+@click.option("--pure-noise-fraction", type=float, default=0.0, show_default=True,
+              help="Share of samples trained as a sampler's first step: pure noise at the last timestep.")
 @click.option("--sample-every", type=int, default=500, show_default=True)
 @click.option("--sample-prompt", "sample_prompts", multiple=True, help="Prompt for the samples (repeatable).")
 @click.option("--checkpoint-every", type=int, default=250, show_default=True)

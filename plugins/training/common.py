@@ -112,6 +112,19 @@ def min_snr_weights(acp: torch.Tensor, timesteps: torch.Tensor, gamma: float, pr
     return clipped / snr if prediction_type == "epsilon" else clipped / (snr + 1)
 
 
+def high_noise_weights(acp: torch.Tensor, timesteps: torch.Tensor, cap: float) -> torch.Tensor:
+    """Extra ε-loss weight at high noise: 1/SNR (the x0-error's weight), capped at `cap`, where SNR < 1; 1 elsewhere.
+
+    With ε-prediction an error in the predicted image at t near 1000 costs SNR (≈0.005) times less than the same
+    error at SNR 1, so the layout (decided at high noise) is learned last. Weighting those steps up lets the
+    position and the background follow the caption sooner. `cap` <= 1 gives ones."""
+    if cap <= 1:
+        return torch.ones(timesteps.shape, dtype=torch.float32)
+    a = acp[timesteps]
+    snr = a / (1 - a)
+    return torch.clamp(1.0 / snr, min=1.0, max=cap)
+
+
 def lr_factor(step: int, total: int, warmup: int, final: float = 0.1) -> float:
     """Linear warm-up, then cosine decay to `final` of the peak."""
     if step < warmup:

@@ -10,13 +10,16 @@ text encoder's attention and MLP blocks. A module `down_blocks.0.attentions.0.pr
 
 and `text_model.encoder.layers.0.self_attn.q_proj` as `lora_te_text_model_encoder_layers_0_self_attn_q_proj.*`.
 The effective update is `W += (alpha / rank) · up @ down` (times the user's weight), as in kohya and A1111.
+
+The layers are peft's (`peft.inject_adapter_in_model` with a `LoraConfig` listing exactly those modules, kohya's
+initialisation), the loop runs under `accelerate` (device, mixed precision, backward), and the file is written
+from the peft layers' `lora_A` / `lora_B` under kohya's names.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -63,94 +66,104 @@ def text_encoder_path(path: str) -> str:
     return path if path.startswith("text_model.") else f"text_model.{path}"
 
 
+def target_paths(root: nn.Module, targets: Sequence[str]) -> list[str]:
+    """Module paths (from `root`) of every Linear and 1×1 Conv2d inside the modules whose class is in `targets`."""
+    paths: list[str] = []
+    for name, module in root.named_modules():
+        if type(module).__name__ not in targets:
+            continue
+        paths += [f"{name}.{child_name}" for child_name, child in module.named_modules()
+                  if child_name and _is_target_leaf(child)]
+    return paths
+
+
+def _kohya_name_of(prefix: str, path: str) -> str:
+    return kohya_name(prefix, text_encoder_path(path) if prefix == TE_PREFIX else path)
+
+
 def target_modules(unet: nn.Module | None, text_encoder: nn.Module | None) -> dict[str, nn.Module]:
     """kohya name -> module for every layer a kohya SD 1.x LoRA may patch."""
     found: dict[str, nn.Module] = {}
     for prefix, root, targets in ((UNET_PREFIX, unet, UNET_TARGETS), (TE_PREFIX, text_encoder, TE_TARGETS)):
-        if root is None:
-            continue
-        for name, module in root.named_modules():
-            if type(module).__name__ not in targets:
-                continue
-            for child_name, child in module.named_modules():
-                if not child_name or not _is_target_leaf(child):
-                    continue
-                path = f"{name}.{child_name}"
-                if prefix == TE_PREFIX:
-                    path = text_encoder_path(path)
-                found[kohya_name(prefix, path)] = child
+        if root is not None:
+            for path in target_paths(root, targets):
+                found[_kohya_name_of(prefix, path)] = root.get_submodule(path)
     return found
 
 
-class LoRAModule(nn.Module):
-    """A low-rank update of one Linear or 1×1 Conv2d: `out = org(x) + multiplier · (alpha/rank) · up(down(x))`."""
-
-    def __init__(self, name: str, org: nn.Module, rank: int, alpha: float) -> None:
-        super().__init__()
-        self.name = name
-        self.rank = rank
-        self.alpha_value = float(alpha)
-        self.register_buffer("alpha", torch.tensor(float(alpha)))
-        if isinstance(org, nn.Conv2d):
-            self.lora_down: nn.Module = nn.Conv2d(org.in_channels, rank, 1, bias=False)
-            self.lora_up: nn.Module = nn.Conv2d(rank, org.out_channels, 1, bias=False)
-        else:
-            self.lora_down = nn.Linear(org.in_features, rank, bias=False)
-            self.lora_up = nn.Linear(rank, org.out_features, bias=False)
-        nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_up.weight)
-        self.multiplier = 1.0
-        self.org = [org]  # not a submodule: its weights are not the LoRA's
-        self._org_forward: Any = None
-
-    @property
-    def scale(self) -> float:
-        return self.alpha_value / self.rank
-
-    def apply_to(self) -> None:
-        org = self.org[0]
-        self._org_forward = org.forward
-        org.forward = self.forward  # type: ignore[method-assign]
-
-    def remove(self) -> None:
-        if self._org_forward is not None:
-            org = self.org[0]
-            del org.forward  # back to the class's forward
-            self._org_forward = None
-
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        out = self._org_forward(x, *args, **kwargs)
-        return out + self.lora_up(self.lora_down(x.to(self.lora_down.weight.dtype))).to(out.dtype) * (
-            self.multiplier * self.scale)
+ADAPTER = "sdcore"  # the peft adapter name the trainer injects
 
 
-class LoRANetwork(nn.Module):
-    """Every LoRAModule of a model; `state_dict_kohya()` gives the file's tensors."""
+class LoRANetwork:
+    """The LoRA layers peft injects into a UNet and a text encoder, addressed by kohya name.
+
+    `peft.inject_adapter_in_model` replaces every target Linear / 1×1 Conv2d with a peft LoRA layer (`lora_A` is
+    kohya's `lora_down`, `lora_B` its `lora_up`, `scaling` = alpha / rank; the base layer is frozen and unchanged).
+    `state_dict_kohya()` gives the file's tensors, `set_multiplier` scales every update (0 turns the LoRA off for
+    sample images), and `remove()` puts the original layers back, so the model is exactly as before."""
 
     def __init__(self, unet: nn.Module | None, text_encoder: nn.Module | None, rank: int, alpha: float) -> None:
-        super().__init__()
-        self.rank, self.alpha = rank, alpha
-        self.loras = nn.ModuleDict()
-        self.names: list[str] = []
-        for name, module in target_modules(unet, text_encoder).items():
-            self.loras[name] = LoRAModule(name, module, rank, alpha)
-            self.names.append(name)
+        from peft import LoraConfig, inject_adapter_in_model
 
-    def apply_to(self) -> None:
-        for lora in self.loras.values():
-            lora.apply_to()  # type: ignore[operator]
+        self.rank, self.alpha = rank, float(alpha)
+        self.loras: dict[str, nn.Module] = {}
+        self._places: list[tuple[nn.Module, str, str]] = []  # (root, path, kohya name)
+        for prefix, root, targets in ((UNET_PREFIX, unet, UNET_TARGETS), (TE_PREFIX, text_encoder, TE_TARGETS)):
+            if root is None:
+                continue
+            paths = target_paths(root, targets)
+            if not paths:
+                continue
+            # exact paths: peft matches a listed name against the whole module path (or a dotted suffix of it)
+            config = LoraConfig(r=rank, lora_alpha=float(alpha), target_modules=paths, lora_dropout=0.0, bias="none",
+                                init_lora_weights=True)  # kohya's init: A kaiming-uniform, B zeros
+            inject_adapter_in_model(config, root, adapter_name=ADAPTER)
+            for path in paths:
+                name = _kohya_name_of(prefix, path)
+                self.loras[name] = root.get_submodule(path)
+                self._places.append((root, path, name))
+        self.names = list(self.loras)
+
+    def parameters(self, prefix: str | None = None) -> list[nn.Parameter]:
+        """The trainable tensors (of the UNet's or the text encoder's layers only, with `prefix`)."""
+        return [p for name, layer in self.loras.items() if prefix is None or name.startswith(prefix + "_")
+                for p in (layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight)]
+
+    def set_multiplier(self, multiplier: float) -> None:
+        for layer in self.loras.values():
+            layer.set_scale(ADAPTER, multiplier)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """float32 copies of every `lora_down` / `lora_up`, by kohya key (for checkpoints)."""
+        return self.state_dict_kohya(torch.float32, with_alpha=False)
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for name, layer in self.loras.items():
+                layer.lora_A[ADAPTER].weight.copy_(state[f"{name}.lora_down.weight"])
+                layer.lora_B[ADAPTER].weight.copy_(state[f"{name}.lora_up.weight"])
+
+    def state_dict_kohya(self, dtype: torch.dtype = torch.float16, *, with_alpha: bool = True) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for name, layer in self.loras.items():
+            out[f"{name}.lora_down.weight"] = layer.lora_A[ADAPTER].weight.detach().to("cpu", dtype).contiguous()
+            out[f"{name}.lora_up.weight"] = layer.lora_B[ADAPTER].weight.detach().to("cpu", dtype).contiguous()
+            if with_alpha:
+                out[f"{name}.alpha"] = torch.tensor(self.alpha, dtype=dtype)
+        return out
 
     def remove(self) -> None:
-        for lora in self.loras.values():
-            lora.remove()  # type: ignore[operator]
-
-    def state_dict_kohya(self, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
-        out: dict[str, torch.Tensor] = {}
-        for name, lora in self.loras.items():
-            out[f"{name}.lora_down.weight"] = lora.lora_down.weight.detach().to("cpu", dtype).contiguous()
-            out[f"{name}.lora_up.weight"] = lora.lora_up.weight.detach().to("cpu", dtype).contiguous()
-            out[f"{name}.alpha"] = torch.tensor(float(lora.alpha_value), dtype=dtype)
-        return out
+        """Replace each peft layer by the original layer it wraps (idempotent)."""
+        for root, path, _ in self._places:
+            parent_path, _, child = path.rpartition(".")
+            parent = root.get_submodule(parent_path) if parent_path else root
+            layer = getattr(parent, child)
+            if hasattr(layer, "get_base_layer"):
+                setattr(parent, child, layer.get_base_layer())
+        for root in {id(r): r for r, _, _ in self._places}.values():
+            if "peft_config" in vars(root):
+                del root.peft_config  # what inject_adapter_in_model leaves on the model
+        self._places.clear()
 
 
 # --- reading and applying kohya files ------------------------------------------------------------------
@@ -232,6 +245,7 @@ class LoraSettings:
     sample_cfg: float = 5.0
     checkpoint_every: int = 0
     seed: int = 0
+    mixed_precision: str = "no"  # accelerate's: "no", "fp16", "bf16"
 
 
 class LoraTrainer:
@@ -257,16 +271,21 @@ class LoraTrainer:
             self.network = LoRANetwork(components.unet,
                                        components.text_encoder if settings.train_text_encoder else None,
                                        settings.rank, settings.alpha)
-        self.network.to(components.unet.device, torch.float32)
-        self.network.apply_to()
-        unet_params = [p for n, p in self.network.named_parameters() if n.startswith(f"loras.{UNET_PREFIX}")]
-        te_params = [p for n, p in self.network.named_parameters() if n.startswith(f"loras.{TE_PREFIX}")]
+        unet_params = self.network.parameters(UNET_PREFIX)
+        te_params = self.network.parameters(TE_PREFIX)
+        for param in unet_params + te_params:
+            param.requires_grad_(True)
         groups = [{"params": unet_params, "lr": settings.lr, "base_lr": settings.lr}]
         if te_params:
             te_lr = settings.text_encoder_lr if settings.text_encoder_lr is not None else settings.lr
             groups.append({"params": te_params, "lr": te_lr, "base_lr": te_lr})
         self.params = unet_params + te_params
-        self.optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.99), weight_decay=0.0)
+        from accelerate import Accelerator
+
+        # accelerate owns the device, mixed precision and the backward pass (the same loop on CPU and GPUs)
+        self.accelerator = Accelerator(cpu=components.unet.device.type == "cpu",
+                                       mixed_precision=settings.mixed_precision)
+        self.optimizer = self.accelerator.prepare(torch.optim.AdamW(groups, betas=(0.9, 0.99), weight_decay=0.0))
         self.step = 0
         self.losses: list[float] = []
 
@@ -307,11 +326,12 @@ class LoraTrainer:
         ids = self.ids[self.caption_index[idx]].clone()
         if s.caption_dropout:
             ids[torch.rand(s.batch_size, generator=g) < s.caption_dropout] = self.uncond
-        device = self.c.unet.device
+        device = self.accelerator.device
         a = self.acp[t].view(-1, 1, 1, 1)
         noisy = (a.sqrt() * z + (1 - a).sqrt() * noise).to(device, self.dtype)
-        hidden = self.c.text_encoder(input_ids=ids.to(device)).last_hidden_state
-        pred = self.c.unet(noisy, t.to(device), encoder_hidden_states=hidden).sample.float().cpu()
+        with self.accelerator.autocast():
+            hidden = self.c.text_encoder(input_ids=ids.to(device)).last_hidden_state
+            pred = self.c.unet(noisy, t.to(device), encoder_hidden_states=hidden).sample.float().cpu()
         target = noise if self.prediction_type == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * z
         per_sample = (pred - target).pow(2).mean(dim=(1, 2, 3))
         return (per_sample * min_snr_weights(self.acp, t, s.min_snr_gamma, self.prediction_type)).mean()
@@ -323,16 +343,15 @@ class LoraTrainer:
         bar = tqdm(total=s.steps, initial=self.step, desc="Training LoRA", unit="step", disable=not self.progress,
                    dynamic_ncols=True)
         started = time.time()
-        self.network.train()
         while self.step < s.steps:
             factor = lr_factor(self.step, s.steps, s.warmup)
             for group in self.optimizer.param_groups:
                 group["lr"] = group["base_lr"] * factor
             loss = self.loss(self.step)
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            self.accelerator.backward(loss)
             if s.grad_clip:
-                torch.nn.utils.clip_grad_norm_(self.params, s.grad_clip)
+                self.accelerator.clip_grad_norm_(self.params, s.grad_clip)
             self.optimizer.step()
             self.losses.append(float(loss.detach()))
             self.step += 1
@@ -354,11 +373,9 @@ class LoraTrainer:
         prompts = list(self.s.sample_prompts)
         images = []
         for multiplier in (0.0, 1.0):
-            for lora in self.network.loras.values():
-                lora.multiplier = multiplier  # type: ignore[assignment]
+            self.network.set_multiplier(multiplier)
             images += sample_images(self.c, prompts, seed=self.s.seed, steps=self.s.sample_steps, cfg=self.s.sample_cfg)
-        for lora in self.network.loras.values():
-            lora.multiplier = 1.0  # type: ignore[assignment]
+        self.network.set_multiplier(1.0)
         folder = self.work_dir / "samples"
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"step_{self.step:06d}.png"
@@ -390,9 +407,9 @@ class LoraTrainer:
         return out
 
     def close(self) -> None:
-        """Take the LoRA modules off the model (the model is unchanged afterwards)."""
+        """Take the LoRA layers off the model (the model is exactly as before afterwards)."""
         self.network.remove()
 
 
-__all__ = ["LoRAModule", "LoRANetwork", "LoraSettings", "LoraTrainer", "applied_lora", "image_grid",
+__all__ = ["LoRANetwork", "LoraSettings", "LoraTrainer", "applied_lora", "image_grid",
            "kohya_name", "load_lora_file", "lora_deltas", "plot_loss", "target_modules"]

@@ -34,6 +34,16 @@ def load_base_model(model: str | None, config: str | None, device: str = "cpu") 
         engine.close(wait=False)
 
 
+def require_training_extras() -> None:
+    """LoRA training runs on peft and accelerate, which plain `pip install sdcore` does not bring."""
+    import importlib.util
+
+    missing = [name for name in ("peft", "accelerate") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise click.ClickException(f"`sdcore train lora` needs {' and '.join(missing)}: "
+                                   "pip install 'sdcore[train]' (or pip install peft accelerate).")
+
+
 def native_resolution(components: Any) -> int:
     factor = 2 ** (len(components.vae.config.block_out_channels) - 1)
     return int(components.unet.config.sample_size) * factor
@@ -46,11 +56,12 @@ def run_train_lora(*, model: str | None, config: str | None, data: str, rank: in
                    out: str, batch_size: int, lr: float, text_encoder_lr: float | None, unet_only: bool,
                    resolution: int | None, sample_every: int, sample_prompts: tuple[str, ...],
                    checkpoint_every: int, resume: str | None, work_dir: str | None, seed: int, device: str,
-                   quiet: bool) -> Path:
+                   quiet: bool, mixed_precision: str = "no") -> Path:
     from .common import ImageFolder, seed_everything
     from .lora import LoraSettings, LoraTrainer
     from .train import components_from_model
 
+    require_training_extras()
     seed_everything(seed)
     base = load_base_model(model, config, device)
     components = components_from_model(base)
@@ -60,6 +71,7 @@ def run_train_lora(*, model: str | None, config: str | None, data: str, rank: in
         rank=rank, alpha=float(alpha if alpha is not None else rank), steps=steps, batch_size=batch_size, lr=lr,
         text_encoder_lr=text_encoder_lr, train_text_encoder=not unet_only, resolution=size,
         sample_every=sample_every, sample_prompts=tuple(sample_prompts), checkpoint_every=checkpoint_every, seed=seed,
+        mixed_precision=mixed_precision,
     )
     work = Path(work_dir) if work_dir else Path(out).with_name(Path(out).stem + "-training")
     trainer = LoraTrainer(components, dataset, settings, work, progress=not quiet)
@@ -122,6 +134,7 @@ def save_single_file(components: Any, out: str | Path, *, dtype: torch.dtype = t
 def run_train_full(*, data: str, out: str, config: str | None, model: str | None, demo_architecture: bool,
                    vae_steps: int | None, vae_batch_size: int, steps: int, batch_size: int, lr: float, warmup: int,
                    ema_decay: float, caption_dropout: float, unet_only: bool, sample_every: int,
+                   pyramid_noise: float = 0.0, high_noise_weight: float = 0.0, pure_noise_fraction: float = 0.0,
                    sample_prompts: tuple[str, ...], checkpoint_every: int, resume: str | None, work_dir: str | None,
                    save_config: str | None, seed: int, quiet: bool) -> Path:
     from .common import ImageFolder, load_checkpoint, seed_everything
@@ -167,6 +180,7 @@ def run_train_full(*, data: str, out: str, config: str | None, model: str | None
     settings = DiffusionSettings(
         steps=steps, batch_size=batch_size, lr=lr, warmup=warmup, ema_decay=ema_decay,
         caption_dropout=caption_dropout, train_text_encoder=not unet_only, sample_every=sample_every,
+        pyramid_noise=pyramid_noise, high_noise_weight=high_noise_weight, pure_noise_fraction=pure_noise_fraction,
         sample_prompts=tuple(sample_prompts) or DEFAULT_SAMPLE_PROMPTS, checkpoint_every=checkpoint_every, seed=seed,
     )
     trainer = DiffusionTrainer(components, dataset, settings, work, progress=not quiet)
@@ -205,6 +219,8 @@ DEMO_RECIPE: dict[str, Any] = {
     "batch_size": 64,
     "lr": 1e-3,
     "warmup": 200,
+    "pyramid_noise": 0.8,
+    "high_noise_weight": 20.0,
     "lora_count": 1500,  # night-sky images for the LoRA
     "lora_steps": 400,
     "lora_rank": 4,
@@ -237,6 +253,7 @@ def run_demo_train(*, work_dir: str, out: str | None, count: int | None, vae_ste
         data=str(shapes), out=str(model_file), config=None, model=None, demo_architecture=True,
         vae_steps=recipe["vae_steps"], vae_batch_size=recipe["vae_batch_size"], steps=recipe["steps"],
         batch_size=recipe["batch_size"], lr=recipe["lr"], warmup=recipe["warmup"], ema_decay=0.999,
+        pyramid_noise=recipe["pyramid_noise"], high_noise_weight=recipe["high_noise_weight"],
         caption_dropout=0.1, unet_only=False, sample_every=400, sample_prompts=(), checkpoint_every=200,
         resume=str(checkpoint) if resume and checkpoint.is_file() else None, work_dir=str(work / "model"),
         save_config=str(config_dir), seed=recipe["seed"], quiet=quiet,
@@ -249,7 +266,8 @@ def run_demo_train(*, work_dir: str, out: str | None, count: int | None, vae_ste
     night = work / "night"
     if not (night / f"{recipe['lora_count'] - 1:06d}.txt").is_file():
         write_dataset(night, recipe["lora_count"], recipe["seed"] + 7, night=True, progress=not quiet)
-    lora_file = model_file.parent / DEMO_LORA_FILE.name if out else DEMO_LORA_FILE
+    lora_file = model_file.parent / "loras" / DEMO_LORA_FILE.name if out else DEMO_LORA_FILE
+    lora_file.parent.mkdir(parents=True, exist_ok=True)
     run_train_lora(
         model=str(model_file), config=str(config_dir), data=str(night), rank=recipe["lora_rank"],
         alpha=recipe["lora_alpha"], steps=recipe["lora_steps"], out=str(lora_file),

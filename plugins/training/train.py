@@ -32,6 +32,7 @@ from .common import (
     EMA,
     ImageFolder,
     alphas_cumprod,
+    high_noise_weights,
     image_grid,
     lr_factor,
     min_snr_weights,
@@ -483,6 +484,8 @@ class DiffusionSettings:
     min_snr_gamma: float = 5.0
     noise_offset: float = 0.05
     pyramid_noise: float = 0.0  # > 0: multi-resolution noise with this discount per halving (see pyramid_noise)
+    high_noise_weight: float = 0.0  # > 1: cap of the extra weight of high-noise steps (common.high_noise_weights)
+    pure_noise_fraction: float = 0.0  # share of samples trained as the sampler's first step: t = T-1, no signal
     train_text_encoder: bool = True
     grad_clip: float = 1.0
     sample_every: int = 500
@@ -596,7 +599,8 @@ class DiffusionTrainer:
         return path
 
     # -- training -----------------------------------------------------------------------------------------
-    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Latents, noise, timesteps, caption token ids and, per sample, whether its noisy input keeps the signal."""
         s, g = self.s, step_generator(self.s.seed, step, stream=2)
         idx = torch.randint(0, len(self.data), (s.batch_size,), generator=g)
         z = (self.means[idx] + self.stds[idx] * torch.randn(self.means[idx].shape, generator=g)) * self.scale
@@ -609,16 +613,31 @@ class DiffusionTrainer:
         ids = self.ids[self.caption_index[idx]].clone()
         drop = torch.rand(s.batch_size, generator=g) < s.caption_dropout
         ids[drop] = self.uncond
-        return z, noise, t, ids
+        keep_signal = torch.ones(s.batch_size, dtype=torch.bool)
+        if s.pure_noise_fraction > 0:
+            # drawn last, so the numbers above are the same with and without this option
+            keep_signal = torch.rand(s.batch_size, generator=g) >= s.pure_noise_fraction
+            t = torch.where(keep_signal, t, len(self.acp) - 1)
+        return z, noise, t, ids, keep_signal
 
-    def loss(self, z: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    def loss(self, z: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, ids: torch.Tensor,
+             keep_signal: torch.Tensor) -> torch.Tensor:
+        """Min-SNR-weighted MSE of the model's prediction.
+
+        Samples without signal are what a sampler feeds the model at its first step: pure noise at t = T-1. SD's
+        betas leave about 7% of the image in a training input at t = T-1, enough for a small model to read the
+        layout (position, two-colour background) from it and to ignore the caption; at sampling time there is none,
+        so such a model draws the layout of the noise. For these samples the target is the ε that would take the
+        noisy input to the true image (ε = (x_t - √ᾱ·z) / √(1-ᾱ)), which only the caption can tell."""
         a = self.acp[t].view(-1, 1, 1, 1)
-        noisy = a.sqrt() * z + (1 - a).sqrt() * noise
+        noisy = a.sqrt() * z * keep_signal.view(-1, 1, 1, 1) + (1 - a).sqrt() * noise
+        epsilon = (noisy - a.sqrt() * z) / (1 - a).sqrt()  # = noise where the signal is kept
         hidden = self.c.text_encoder(input_ids=ids).last_hidden_state
         pred = self.c.unet(noisy, t, encoder_hidden_states=hidden).sample
-        target = noise if self.prediction_type == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * z
+        target = epsilon if self.prediction_type == "epsilon" else a.sqrt() * epsilon - (1 - a).sqrt() * z
         per_sample = (pred.float() - target).pow(2).mean(dim=(1, 2, 3))
         weights = min_snr_weights(self.acp, t, self.s.min_snr_gamma, self.prediction_type)
+        weights = weights * high_noise_weights(self.acp, t, self.s.high_noise_weight)
         return (per_sample * weights).mean()
 
     def train(self, on_step: Callable[[int, float], None] | None = None) -> list[float]:
