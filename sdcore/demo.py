@@ -4,7 +4,7 @@
 shapes: "a small red circle at the top left on a white background". Its architecture is not a standard SD 1.x
 one (tiny widths), so its diffusers config folder (`config/`: model_index.json, unet/vae/text_encoder/scheduler
 configs, no weights) ships next to it and is passed as the load's `config`, like `--config` for any
-non-standard community checkpoint. `night.safetensors` is a kohya-layout LoRA trained on it with
+non-standard community checkpoint. `loras/night.safetensors` is a kohya-layout LoRA trained on it with
 `sdcore train lora` (shapes "on a night background"). `docs/demo-model.md` says how both were trained.
 """
 
@@ -16,7 +16,8 @@ from pathlib import Path
 DEMO_DIR = Path(__file__).parent / "data" / "demo"
 DEMO_MODEL_FILE = DEMO_DIR / "sdcore-demo.safetensors"
 DEMO_CONFIG_DIR = DEMO_DIR / "config"
-DEMO_LORA_FILE = DEMO_DIR / "night.safetensors"
+DEMO_LORA_DIR = DEMO_DIR / "loras"  # searched last by the LoRA plugin, so `<lora:night:1>` works out of the box
+DEMO_LORA_FILE = DEMO_LORA_DIR / "night.safetensors"
 DEMO_SIZE = 64  # native image size in pixels
 
 
