@@ -133,6 +133,46 @@ def test_full_training_resume_and_outputs(tmp_path, tiny, dataset_dir):
     assert straight.losses == pytest.approx(resumed.losses, abs=1e-6)
 
 
+@pytest.mark.parametrize("pure_noise_loss", ["epsilon", "image"])
+def test_pure_noise_samples_are_the_samplers_first_step(tmp_path, tiny, dataset_dir, pure_noise_loss):
+    """`pure_noise_fraction`: those samples get t = T-1 and an input with no trace of the image (what a sampler
+    feeds the model first), and the ε target that leads from that input to the true image; the rest of the batch
+    (latents, noise, captions) is drawn exactly as without the option. Their loss is the ε error, or the error of
+    the image the prediction implies."""
+    from sdcore_plugins.training.train import DiffusionSettings, DiffusionTrainer
+
+    data = ImageFolder.load(dataset_dir, 32)
+    settings = DiffusionSettings(steps=1, batch_size=6, sample_every=0, checkpoint_every=0)
+    plain = DiffusionTrainer(tiny, data, settings, tmp_path / "plain", progress=False)
+    pure = DiffusionTrainer(tiny, data, DiffusionSettings(**{**settings.__dict__, "pure_noise_fraction": 1.0,
+                                                             "pure_noise_loss": pure_noise_loss}),
+                            tmp_path / "pure", progress=False)
+    z0, noise0, t0, ids0, keep0 = plain.batch(5)
+    z, noise, t, ids, keep = pure.batch(5)
+    assert keep0.all() and not keep.any()
+    assert torch.equal(z, z0) and torch.equal(noise, noise0) and torch.equal(ids, ids0)
+    assert (t == 999).all() and not (t0 == 999).all()
+
+    seen = {}
+    hook = tiny.unet.register_forward_pre_hook(lambda module, args, kwargs: seen.update(x=args[0]) or None,
+                                               with_kwargs=True)
+    with torch.no_grad():
+        loss = pure.loss(z, noise, t, ids, keep)
+    hook.remove()
+    a = pure.acp[999]
+    assert torch.allclose(seen["x"], (1 - a).sqrt() * noise)  # no signal at all
+    with torch.no_grad():
+        hidden = tiny.text_encoder(input_ids=ids).last_hidden_state
+        pred = tiny.unet(seen["x"], t, encoder_hidden_states=hidden).sample
+    if pure_noise_loss == "epsilon":
+        target = noise - (a / (1 - a)).sqrt() * z  # √ᾱ·z + √(1-ᾱ)·target = the input: it leads to the true image
+        expected = (pred - target).pow(2).mean()  # min-SNR weight 1 at t = 999
+    else:
+        predicted_image = (seen["x"] - (1 - a).sqrt() * pred) / a.sqrt()
+        expected = (predicted_image - z).pow(2).mean()
+    assert float(loss) == pytest.approx(float(expected), rel=1e-5)
+
+
 # --- LoRA -----------------------------------------------------------------------------------------------
 
 

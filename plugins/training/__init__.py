@@ -95,6 +95,8 @@ def train_lora(**kwargs: Any) -> None:
               help="Cap of the extra loss weight (1/SNR) of high-noise steps (0: off).")
 @click.option("--pure-noise-fraction", type=float, default=0.0, show_default=True,
               help="Share of samples trained as a sampler's first step: pure noise at the last timestep.")
+@click.option("--pure-noise-loss", type=click.Choice(["image", "epsilon"]), default="image", show_default=True,
+              help="Their loss: the predicted image's error, or the ε error like the other samples.")
 @click.option("--sample-every", type=int, default=500, show_default=True)
 @click.option("--sample-prompt", "sample_prompts", multiple=True, help="Prompt for the samples (repeatable).")
 @click.option("--checkpoint-every", type=int, default=250, show_default=True)

@@ -135,6 +135,7 @@ def run_train_full(*, data: str, out: str, config: str | None, model: str | None
                    vae_steps: int | None, vae_batch_size: int, steps: int, batch_size: int, lr: float, warmup: int,
                    ema_decay: float, caption_dropout: float, unet_only: bool, sample_every: int,
                    pyramid_noise: float = 0.0, high_noise_weight: float = 0.0, pure_noise_fraction: float = 0.0,
+                   pure_noise_loss: str = "image",
                    sample_prompts: tuple[str, ...], checkpoint_every: int, resume: str | None, work_dir: str | None,
                    save_config: str | None, seed: int, quiet: bool) -> Path:
     from .common import ImageFolder, load_checkpoint, seed_everything
@@ -181,7 +182,7 @@ def run_train_full(*, data: str, out: str, config: str | None, model: str | None
         steps=steps, batch_size=batch_size, lr=lr, warmup=warmup, ema_decay=ema_decay,
         caption_dropout=caption_dropout, train_text_encoder=not unet_only, sample_every=sample_every,
         pyramid_noise=pyramid_noise, high_noise_weight=high_noise_weight, pure_noise_fraction=pure_noise_fraction,
-        sample_prompts=tuple(sample_prompts) or DEFAULT_SAMPLE_PROMPTS, checkpoint_every=checkpoint_every, seed=seed,
+        pure_noise_loss=pure_noise_loss, sample_prompts=tuple(sample_prompts) or DEFAULT_SAMPLE_PROMPTS, checkpoint_every=checkpoint_every, seed=seed,
     )
     trainer = DiffusionTrainer(components, dataset, settings, work, progress=not quiet)
     if state is not None:
@@ -211,6 +212,8 @@ def run_train_full(*, data: str, out: str, config: str | None, model: str | None
 # --- the demo -------------------------------------------------------------------------------------------
 
 
+# What trained the shipped model. The layout options (pyramid noise, high-noise weights, pure-noise samples) are
+# not in it: each was tried on this recipe and made the model worse (docs/demo-model.md, "Tried").
 DEMO_RECIPE: dict[str, Any] = {
     "count": 30000,  # images of shapes
     "vae_steps": 100,
@@ -219,8 +222,6 @@ DEMO_RECIPE: dict[str, Any] = {
     "batch_size": 64,
     "lr": 1e-3,
     "warmup": 200,
-    "pyramid_noise": 0.8,
-    "high_noise_weight": 20.0,
     "lora_count": 1500,  # night-sky images for the LoRA
     "lora_steps": 400,
     "lora_rank": 4,
@@ -253,7 +254,6 @@ def run_demo_train(*, work_dir: str, out: str | None, count: int | None, vae_ste
         data=str(shapes), out=str(model_file), config=None, model=None, demo_architecture=True,
         vae_steps=recipe["vae_steps"], vae_batch_size=recipe["vae_batch_size"], steps=recipe["steps"],
         batch_size=recipe["batch_size"], lr=recipe["lr"], warmup=recipe["warmup"], ema_decay=0.999,
-        pyramid_noise=recipe["pyramid_noise"], high_noise_weight=recipe["high_noise_weight"],
         caption_dropout=0.1, unet_only=False, sample_every=400, sample_prompts=(), checkpoint_every=200,
         resume=str(checkpoint) if resume and checkpoint.is_file() else None, work_dir=str(work / "model"),
         save_config=str(config_dir), seed=recipe["seed"], quiet=quiet,

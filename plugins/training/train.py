@@ -486,6 +486,7 @@ class DiffusionSettings:
     pyramid_noise: float = 0.0  # > 0: multi-resolution noise with this discount per halving (see pyramid_noise)
     high_noise_weight: float = 0.0  # > 1: cap of the extra weight of high-noise steps (common.high_noise_weights)
     pure_noise_fraction: float = 0.0  # share of samples trained as the sampler's first step: t = T-1, no signal
+    pure_noise_loss: str = "image"  # their loss: "image" (MSE of the predicted image) or "epsilon" (as the rest)
     train_text_encoder: bool = True
     grad_clip: float = 1.0
     sample_every: int = 500
@@ -638,6 +639,16 @@ class DiffusionTrainer:
         per_sample = (pred.float() - target).pow(2).mean(dim=(1, 2, 3))
         weights = min_snr_weights(self.acp, t, self.s.min_snr_gamma, self.prediction_type)
         weights = weights * high_noise_weights(self.acp, t, self.s.high_noise_weight)
+        if self.s.pure_noise_loss == "image" and not bool(keep_signal.all()):
+            # With no signal in the input, the ε error is the image error times √(ᾱ/(1-ᾱ)) ≈ 0.07 at t = T-1, so
+            # an ε loss hardly teaches the one thing these samples are for; the predicted image's error does.
+            if self.prediction_type == "epsilon":
+                predicted = (noisy - (1 - a).sqrt() * pred.float()) / a.sqrt()
+            else:
+                predicted = a.sqrt() * noisy - (1 - a).sqrt() * pred.float()
+            image_error = (predicted - z).pow(2).mean(dim=(1, 2, 3))
+            per_sample = torch.where(keep_signal, per_sample, image_error)
+            weights = torch.where(keep_signal, weights, 1.0)
         return (per_sample * weights).mean()
 
     def train(self, on_step: Callable[[int, float], None] | None = None) -> list[float]:
@@ -707,7 +718,9 @@ def sample_images(c: Components, prompts: list[str], seed: int = 0, steps: int =
 
     c.unet.eval()
     c.text_encoder.eval()
-    scheduler = DDIMScheduler.from_config({k: v for k, v in c.scheduler_config.items() if not k.startswith("_")})
+    # "trailing": the first step is at t = T-1 from pure noise, as sdcore's samplers (and A1111's) start
+    scheduler = DDIMScheduler.from_config({**{k: v for k, v in c.scheduler_config.items() if not k.startswith("_")},
+                                           "timestep_spacing": "trailing"})
     scheduler.set_timesteps(steps)
     ids = c.tokenizer(prompts + [""], padding="max_length", max_length=77, truncation=True,
                       return_tensors="pt").input_ids
