@@ -16,7 +16,7 @@ from pathlib import Path
 DEMO_DIR = Path(__file__).parent / "data" / "demo"
 DEMO_MODEL_FILE = DEMO_DIR / "sdcore-demo.safetensors"
 DEMO_CONFIG_DIR = DEMO_DIR / "config"
-DEMO_LORA_DIR = DEMO_DIR / "loras"  # searched last by the LoRA plugin, so `<lora:night:1>` works out of the box
+DEMO_LORA_DIR = DEMO_DIR / "loras"  # add it to $SDCORE_LORA_DIRS for `<lora:night:1>`
 DEMO_LORA_FILE = DEMO_LORA_DIR / "night.safetensors"
 DEMO_SIZE = 64  # native image size in pixels
 

@@ -94,11 +94,15 @@ def test_inpainting_changes_the_masked_region_and_keeps_the_rest(engine):
     assert max(blue_counts) >= 100, blue_counts  # a blue shape was painted in (not for every seed)
 
 
-def test_night_lora_gives_the_same_image_in_sdcore_and_in_diffusers(engine, tmp_path):
+def test_night_lora_gives_the_same_image_in_sdcore_and_in_diffusers(engine, tmp_path, monkeypatch):
     """The trainer's LoRA file loads in plain diffusers (`load_lora_weights`) and in sdcore (`<lora:night:1>`,
-    found among the LoRAs that ship with the demo model), and both give the same pixels."""
+    with the demo model's LoRA folder in $SDCORE_LORA_DIRS), and both give the same pixels."""
     pytest.importorskip("peft")
     from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
+
+    from sdcore.demo import DEMO_LORA_DIR
+
+    monkeypatch.setenv("SDCORE_LORA_DIRS", str(DEMO_LORA_DIR)), StableDiffusionPipeline
 
     from sdcore.tokenizers import save_clip_tokenizer
 

@@ -1,8 +1,7 @@
 """Finding LoRA files by name, caching parsed files, and listing them.
 
 Folders searched, in order: `$SDCORE_LORA_DIRS` (`os.pathsep`-separated), `<model dir>/loras` and
-`<model dir>/Lora` for each of the engine's `model_dirs`, `~/.local/share/sdcore/loras`, and last the LoRAs
-that ship with the demo model (`night`).
+`<model dir>/Lora` for each of the engine's `model_dirs`, and `~/.local/share/sdcore/loras`.
 A name may also be a path to a file.
 """
 
@@ -13,8 +12,6 @@ import threading
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
-
-from sdcore.demo import DEMO_LORA_DIR
 
 from .formats import LoraError, LoraFile, read_lora_file
 
@@ -30,7 +27,6 @@ def lora_dirs(engine: Any | None = None) -> list[Path]:
     for folder in getattr(engine, "model_dirs", None) or ():
         dirs.extend([Path(folder) / "loras", Path(folder) / "Lora"])
     dirs.append(DEFAULT_DIR.expanduser())
-    dirs.append(DEMO_LORA_DIR)
     seen: list[Path] = []
     for d in dirs:
         if d not in seen:
