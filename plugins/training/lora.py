@@ -122,7 +122,6 @@ class LoRANetwork:
                 name = _kohya_name_of(prefix, path)
                 self.loras[name] = root.get_submodule(path)
                 self._places.append((root, path, name))
-        self.names = list(self.loras)
 
     def parameters(self, prefix: str | None = None) -> list[nn.Parameter]:
         """The trainable tensors (of the UNet's or the text encoder's layers only, with `prefix`)."""

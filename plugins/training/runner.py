@@ -182,7 +182,8 @@ def run_train_full(*, data: str, out: str, config: str | None, model: str | None
         steps=steps, batch_size=batch_size, lr=lr, warmup=warmup, ema_decay=ema_decay,
         caption_dropout=caption_dropout, train_text_encoder=not unet_only, sample_every=sample_every,
         pyramid_noise=pyramid_noise, high_noise_weight=high_noise_weight, pure_noise_fraction=pure_noise_fraction,
-        pure_noise_loss=pure_noise_loss, sample_prompts=tuple(sample_prompts) or DEFAULT_SAMPLE_PROMPTS, checkpoint_every=checkpoint_every, seed=seed,
+        pure_noise_loss=pure_noise_loss, sample_prompts=tuple(sample_prompts) or DEFAULT_SAMPLE_PROMPTS,
+        checkpoint_every=checkpoint_every, seed=seed,
     )
     trainer = DiffusionTrainer(components, dataset, settings, work, progress=not quiet)
     if state is not None:
