@@ -76,8 +76,9 @@ def train_lora(**kwargs: Any) -> None:
 @click.option("--data", required=True, type=click.Path(exists=True, file_okay=False),
               help="Folder of images with same-named .txt captions.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output single-file .safetensors.")
-@click.option("--config", help="Architecture (diffusers config folder) to train from scratch.")
-@click.option("--model", help="Checkpoint to continue training from (instead of --config).")
+@click.option("--config", help="Architecture (diffusers config folder) to train from scratch; with --model, the "
+              "config folder to load that checkpoint with.")
+@click.option("--model", help="Checkpoint to continue training from.")
 @click.option("--demo-architecture", is_flag=True, help="Train the demo model's architecture from scratch.")
 @click.option("--vae-steps", type=int, default=None, help="Autoencoder steps first. Default: 300 from scratch, "
               "0 from a checkpoint.")
@@ -97,6 +98,10 @@ def train_lora(**kwargs: Any) -> None:
               help="Share of samples trained as a sampler's first step: pure noise at the last timestep.")
 @click.option("--pure-noise-loss", type=click.Choice(["image", "epsilon"]), default="image", show_default=True,
               help="Their loss: the predicted image's error, or the ε error like the other samples.")
+@click.option("--grounding-weight", type=float, default=0.0, show_default=True,
+              help="Weight of the token-grounding loss on cross-attention (needs NAME.mask.png masks; 0: off).")
+@click.option("--grounding-words", default="", help="Comma-separated caption words to ground on the mask "
+              "(with --grounding-weight; the demo data's: its shapes and position words).")
 @click.option("--sample-every", type=int, default=500, show_default=True)
 @click.option("--sample-prompt", "sample_prompts", multiple=True, help="Prompt for the samples (repeatable).")
 @click.option("--checkpoint-every", type=int, default=250, show_default=True)
@@ -140,13 +145,14 @@ def demo_data(out: str, count: int, seed: int, night: bool) -> None:
 @click.option("--count", type=int, default=None, help="Images to draw (default in demo_recipe).")
 @click.option("--vae-steps", type=int, default=None)
 @click.option("--steps", type=int, default=None)
+@click.option("--grounding-steps", type=int, default=None, help="Steps of stage 2 (token grounding).")
 @click.option("--lora-steps", type=int, default=None)
 @click.option("--skip-lora", is_flag=True)
 @click.option("--resume", is_flag=True, help="Continue from the work dir's checkpoint.")
 @click.option("--threads", type=int, default=None, help="torch CPU threads.")
 @click.option("--quiet", is_flag=True)
 def demo_train(threads: int | None, **kwargs: Any) -> None:
-    """Rebuild the demo model and its LoRA from nothing: data, VAE, UNet + text encoder, LoRA."""
+    """Rebuild the demo model and its LoRA from nothing: data, VAE, UNet + text encoder, grounding, LoRA."""
     from .runner import run_demo_train
 
     _threads(threads)

@@ -15,6 +15,7 @@ import torch
 from PIL import Image, ImageDraw
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+MASK_SUFFIX = ".mask"  # NAME.mask.png: the subject mask of NAME.png
 
 
 # --- data -----------------------------------------------------------------------------------------------
@@ -26,11 +27,15 @@ class ImageFolder:
 
     `images` is uint8 [N, 3, H, W] (resized and centre-cropped to `resolution`), `captions` the texts ("" when an
     image has no caption file). Sub-folders are searched too (kohya's `N_name` repeat folders work, without repeats).
+    `NAME.mask.png` beside an image is its subject's mask (white = subject), read into `masks` (uint8 [N, 1, H, W],
+    cropped as the image; all zero where an image has none, with `has_mask` False) and never taken as an image.
     """
 
     images: torch.Tensor
     captions: list[str]
     paths: list[Path]
+    masks: torch.Tensor | None = None
+    has_mask: torch.Tensor | None = None
 
     @classmethod
     def load(cls, root: str | os.PathLike[str], resolution: int, limit: int | None = None,
@@ -38,12 +43,15 @@ class ImageFolder:
         root = Path(root)
         if not root.is_dir():
             raise FileNotFoundError(f"Training data folder {root} does not exist.")
-        paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        paths = sorted(p for p in root.rglob("*")
+                       if p.suffix.lower() in IMAGE_SUFFIXES and not p.stem.endswith(MASK_SUFFIX))
         if limit is not None:
             paths = paths[:limit]
         if not paths:
             raise ValueError(f"{root} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}).")
         images = torch.empty((len(paths), 3, resolution, resolution), dtype=torch.uint8)
+        masks = torch.zeros((len(paths), 1, resolution, resolution), dtype=torch.uint8)
+        has_mask = torch.zeros(len(paths), dtype=torch.bool)
         captions = []
         iterator: Iterable[tuple[int, Path]] = enumerate(paths)
         if progress:
@@ -56,7 +64,14 @@ class ImageFolder:
             images[i] = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
             text = path.with_suffix(".txt")
             captions.append(text.read_text(encoding="utf-8").strip() if text.is_file() else "")
-        return cls(images=images, captions=captions, paths=paths)
+            mask = path.with_name(path.stem + MASK_SUFFIX + ".png")
+            if mask.is_file():
+                with Image.open(mask) as raw:
+                    masks[i, 0] = torch.from_numpy(np.asarray(fit_square(raw.convert("L"), resolution)).copy())
+                has_mask[i] = True
+        if not bool(has_mask.any()):
+            return cls(images=images, captions=captions, paths=paths)
+        return cls(images=images, captions=captions, paths=paths, masks=masks, has_mask=has_mask)
 
     def __len__(self) -> int:
         return len(self.captions)

@@ -3,7 +3,8 @@
 Every image is a coloured shape (circle, square, triangle, star) of some size in one of nine positions on a plain
 or two-colour background, with a caption such as "a small red circle at the top left on a white background".
 `Scene` holds the attributes, `render(scene)` draws it (anti-aliased by supersampling) and `caption(scene)` says
-it. `write_dataset` writes a folder of `NNNNNN.png` + `NNNNNN.txt` pairs, the format `sdcore train` reads.
+it. `write_dataset` writes a folder of `NNNNNN.png` + `NNNNNN.txt` pairs, the format `sdcore train` reads, and
+`NNNNNN.mask.png`: where the shape is, for the trainer's grounding loss.
 
 The same palette and geometry are what the evaluation (`evaluate.py`) measures generated images against.
 """
@@ -129,16 +130,28 @@ def render(scene: Scene, size: int = SIZE) -> Image.Image:
     for x, y in scene.night_dots:
         d = 0.6 * k
         draw.ellipse([x * k - d, y * k - d, x * k + d, y * k + d], fill=(255, 255, 235))
+    _draw_shape(draw, scene, k, rgb(scene.colour))
+    return image.resize((size, size), Image.Resampling.BOX)
+
+
+def render_mask(scene: Scene, size: int = SIZE) -> Image.Image:
+    """The shape's coverage (255 inside, 0 outside, anti-aliased edges) as an "L" image: the grounding mask that
+    `sdcore train full --grounding-weight` reads from `NAME.mask.png`."""
+    k = SUPERSAMPLE * size / SIZE
+    image = Image.new("L", (SUPERSAMPLE * size,) * 2, 0)
+    _draw_shape(ImageDraw.Draw(image), scene, k, 255)
+    return image.resize((size, size), Image.Resampling.BOX)
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, scene: Scene, k: float, fill: tuple[int, int, int] | int) -> None:
     cx = (CELL_CENTRES[scene.cell[0]] + scene.dx) * k
     cy = (CELL_CENTRES[scene.cell[1]] + scene.dy) * k
     r = SIZES[scene.size] * scene.scale * k
-    fill = rgb(scene.colour)
     polygon = shape_polygon(scene.shape, cx, cy, r)
     if polygon is None:
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
     else:
         draw.polygon(polygon, fill=fill)
-    return image.resize((size, size), Image.Resampling.BOX)
 
 
 def caption(scene: Scene, rng: random.Random | None = None, *, drop: float = 0.0) -> str:
@@ -202,6 +215,7 @@ def write_dataset(out: str | Path, count: int, seed: int = 0, *, drop: float = 0
     for i in iterator:
         scene = random_scene(rng, night=night)
         render(scene).save(out / f"{i:06d}.png", optimize=False, compress_level=1)
+        render_mask(scene).save(out / f"{i:06d}.mask.png", optimize=False, compress_level=1)
         (out / f"{i:06d}.txt").write_text(caption(scene, caption_rng, drop=drop) + "\n", encoding="utf-8")
     return out
 

@@ -41,6 +41,7 @@ from .common import (
     step_generator,
     to_pixels,
 )
+from .grounding import grounding_loss, grounding_token_ids, recording_cross_attention
 
 log = logging.getLogger("sdcore.training")
 
@@ -487,6 +488,8 @@ class DiffusionSettings:
     high_noise_weight: float = 0.0  # > 1: cap of the extra weight of high-noise steps (common.high_noise_weights)
     pure_noise_fraction: float = 0.0  # share of samples trained as the sampler's first step: t = T-1, no signal
     pure_noise_loss: str = "image"  # their loss: "image" (MSE of the predicted image) or "epsilon" (as the rest)
+    grounding_weight: float = 0.0  # > 0: weight of the token-grounding loss (grounding.py; needs NAME.mask.png)
+    grounding_words: Sequence[str] = ()  # the caption words whose attention is grounded on the mask
     train_text_encoder: bool = True
     grad_clip: float = 1.0
     sample_every: int = 500
@@ -566,6 +569,14 @@ class DiffusionTrainer:
         # no weight decay: it would also shrink the rows of the 49408-token embedding table that no caption uses
         self.optimizer = torch.optim.AdamW(self.params, lr=settings.lr, betas=(0.9, 0.99), weight_decay=0.0)
         self.ema = EMA(self.params, settings.ema_decay)
+        self.grounded: torch.Tensor | None = None
+        if settings.grounding_weight > 0:
+            if data.masks is None:
+                raise ValueError("--grounding-weight needs subject masks: NAME.mask.png beside each NAME.png "
+                                 "(white where the subject is), as `sdcore demo data` writes them.")
+            if not settings.grounding_words:
+                raise ValueError("--grounding-weight needs --grounding-words: the caption words to ground.")
+            self.grounded = grounding_token_ids(components.tokenizer, settings.grounding_words)
         self.step = 0
         self.losses: list[float] = []
 
@@ -600,6 +611,11 @@ class DiffusionTrainer:
         return path
 
     # -- training -----------------------------------------------------------------------------------------
+    def batch_index(self, step: int) -> torch.Tensor:
+        """Which images make up the batch of `step` (the first draw of that step's generator)."""
+        return torch.randint(0, len(self.data), (self.s.batch_size,),
+                             generator=step_generator(self.s.seed, step, stream=2))
+
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Latents, noise, timesteps, caption token ids and, per sample, whether its noisy input keeps the signal."""
         s, g = self.s, step_generator(self.s.seed, step, stream=2)
@@ -622,19 +638,33 @@ class DiffusionTrainer:
         return z, noise, t, ids, keep_signal
 
     def loss(self, z: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, ids: torch.Tensor,
-             keep_signal: torch.Tensor) -> torch.Tensor:
+             keep_signal: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
         """Min-SNR-weighted MSE of the model's prediction.
 
         Samples without signal are what a sampler feeds the model at its first step: pure noise at t = T-1. SD's
         betas leave about 7% of the image in a training input at t = T-1, enough for a small model to read the
         layout (position, two-colour background) from it and to ignore the caption; at sampling time there is none,
         so such a model draws the layout of the noise. For these samples the target is the ε that would take the
-        noisy input to the true image (ε = (x_t - √ᾱ·z) / √(1-ᾱ)), which only the caption can tell."""
+        noisy input to the true image (ε = (x_t - √ᾱ·z) / √(1-ᾱ)), which only the caption can tell.
+
+        With `grounding_weight` and the batch's image `index`, the token-grounding loss (grounding.py) of the
+        samples with a mask is added."""
         a = self.acp[t].view(-1, 1, 1, 1)
         noisy = a.sqrt() * z * keep_signal.view(-1, 1, 1, 1) + (1 - a).sqrt() * noise
         epsilon = (noisy - a.sqrt() * z) / (1 - a).sqrt()  # = noise where the signal is kept
         hidden = self.c.text_encoder(input_ids=ids).last_hidden_state
-        pred = self.c.unet(noisy, t, encoder_hidden_states=hidden).sample
+        grounding = torch.zeros(())
+        if self.grounded is not None and index is not None:
+            with recording_cross_attention(self.c.unet) as recorder:
+                recorder.maps = []
+                pred = self.c.unet(noisy, t, encoder_hidden_states=hidden).sample
+            assert self.data.masks is not None and self.data.has_mask is not None
+            has = self.data.has_mask[index]
+            if bool(has.any()):
+                masks = self.data.masks[index][has].float() / 255.0
+                grounding = grounding_loss([m[has] for m in recorder.maps], ids[has], self.grounded, masks)
+        else:
+            pred = self.c.unet(noisy, t, encoder_hidden_states=hidden).sample
         target = epsilon if self.prediction_type == "epsilon" else a.sqrt() * epsilon - (1 - a).sqrt() * z
         per_sample = (pred.float() - target).pow(2).mean(dim=(1, 2, 3))
         weights = min_snr_weights(self.acp, t, self.s.min_snr_gamma, self.prediction_type)
@@ -649,7 +679,7 @@ class DiffusionTrainer:
             image_error = (predicted - z).pow(2).mean(dim=(1, 2, 3))
             per_sample = torch.where(keep_signal, per_sample, image_error)
             weights = torch.where(keep_signal, weights, 1.0)
-        return (per_sample * weights).mean()
+        return (per_sample * weights).mean() + self.s.grounding_weight * grounding
 
     def train(self, on_step: Callable[[int, float], None] | None = None) -> list[float]:
         from tqdm import tqdm
@@ -662,7 +692,7 @@ class DiffusionTrainer:
             step = self.step
             for group in self.optimizer.param_groups:
                 group["lr"] = s.lr * lr_factor(step, s.steps, s.warmup)
-            loss = self.loss(*self.batch(step))
+            loss = self.loss(*self.batch(step), index=self.batch_index(step))
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if s.grad_clip:
