@@ -50,7 +50,7 @@ class ImageFolder:
         if not paths:
             raise ValueError(f"{root} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}).")
         images = torch.empty((len(paths), 3, resolution, resolution), dtype=torch.uint8)
-        masks = torch.zeros((len(paths), 1, resolution, resolution), dtype=torch.uint8)
+        masks: torch.Tensor | None = None  # allocated at the first mask: most folders have none
         has_mask = torch.zeros(len(paths), dtype=torch.bool)
         captions = []
         iterator: Iterable[tuple[int, Path]] = enumerate(paths)
@@ -66,12 +66,13 @@ class ImageFolder:
             captions.append(text.read_text(encoding="utf-8").strip() if text.is_file() else "")
             mask = path.with_name(path.stem + MASK_SUFFIX + ".png")
             if mask.is_file():
+                if masks is None:
+                    masks = torch.zeros((len(paths), 1, resolution, resolution), dtype=torch.uint8)
                 with Image.open(mask) as raw:
                     masks[i, 0] = torch.from_numpy(np.asarray(fit_square(raw.convert("L"), resolution)).copy())
                 has_mask[i] = True
-        if not bool(has_mask.any()):
-            return cls(images=images, captions=captions, paths=paths)
-        return cls(images=images, captions=captions, paths=paths, masks=masks, has_mask=has_mask)
+        return cls(images=images, captions=captions, paths=paths, masks=masks,
+                   has_mask=has_mask if masks is not None else None)
 
     def __len__(self) -> int:
         return len(self.captions)

@@ -161,6 +161,9 @@ def run_train_full(*, data: str, out: str, config: str | None, model: str | None
     work.mkdir(parents=True, exist_ok=True)
     started = time.time()
     if model:
+        from .evaluate import with_demo_config
+
+        _, config = with_demo_config(model, config)  # the folder it loads with (the demo model's, if it is that)
         components = components_from_model(load_base_model(model, config))
         vae_steps = vae_steps or 0
     else:
@@ -185,8 +188,8 @@ def run_train_full(*, data: str, out: str, config: str | None, model: str | None
         caption_dropout=caption_dropout, train_text_encoder=not unet_only, sample_every=sample_every,
         pyramid_noise=pyramid_noise, high_noise_weight=high_noise_weight, pure_noise_fraction=pure_noise_fraction,
         pure_noise_loss=pure_noise_loss, grounding_weight=grounding_weight,
-        grounding_words=tuple(w.strip() for w in grounding_words.split(",") if w.strip()), sample_prompts=tuple(sample_prompts) or DEFAULT_SAMPLE_PROMPTS,
-        checkpoint_every=checkpoint_every, seed=seed,
+        grounding_words=tuple(w.strip() for w in grounding_words.split(",") if w.strip()),
+        sample_prompts=tuple(sample_prompts) or DEFAULT_SAMPLE_PROMPTS, checkpoint_every=checkpoint_every, seed=seed,
     )
     trainer = DiffusionTrainer(components, dataset, settings, work, progress=not quiet)
     if state is not None:
@@ -210,13 +213,10 @@ def run_train_full(*, data: str, out: str, config: str | None, model: str | None
                 click.echo(f"Config folder: {target}", err=True)
         elif save_config and model:
             # a fine-tuned checkpoint keeps its architecture: the config folder it was loaded with goes along
-            from sdcore.demo import demo_config_for
-
-            source = config or demo_config_for(model)
-            if source is None:
+            if config is None:
                 click.echo(f"{model} loads without a config folder; none written to {save_config}.", err=True)
-            elif Path(source).resolve() != Path(save_config).resolve():
-                copy_tree(Path(source), Path(save_config))
+            elif Path(config).resolve() != Path(save_config).resolve():
+                copy_tree(Path(config), Path(save_config))
     if not quiet:
         click.echo(f"Done in {time.time() - started:.0f} s. Loss curve: {work / 'loss.png'}", err=True)
     return path

@@ -611,15 +611,17 @@ class DiffusionTrainer:
         return path
 
     # -- training -----------------------------------------------------------------------------------------
+    def _draw_index(self, g: torch.Generator) -> torch.Tensor:
+        return torch.randint(0, len(self.data), (self.s.batch_size,), generator=g)
+
     def batch_index(self, step: int) -> torch.Tensor:
-        """Which images make up the batch of `step` (the first draw of that step's generator)."""
-        return torch.randint(0, len(self.data), (self.s.batch_size,),
-                             generator=step_generator(self.s.seed, step, stream=2))
+        """Which images make up the batch of `step` (the first draw of that step's generator, as in `batch`)."""
+        return self._draw_index(step_generator(self.s.seed, step, stream=2))
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Latents, noise, timesteps, caption token ids and, per sample, whether its noisy input keeps the signal."""
         s, g = self.s, step_generator(self.s.seed, step, stream=2)
-        idx = torch.randint(0, len(self.data), (s.batch_size,), generator=g)
+        idx = self._draw_index(g)
         z = (self.means[idx] + self.stds[idx] * torch.randn(self.means[idx].shape, generator=g)) * self.scale
         noise = torch.randn(z.shape, generator=g)
         if s.pyramid_noise > 0:
